@@ -1,0 +1,217 @@
+"""The conditioner: an ensemble of embedders (seminar: "ensemble of text encoders" and
+"micro-conditioning" are one mechanism).
+
+Each embedder reads one input (a prompt, an original size, a crop corner, …) and produces any of
+    "context"  (B, L, D)  sequences, concatenated on the feature axis into the cross-attention context
+    "pooled"   (B, P)     vectors, concatenated into the added vector (diffusers: `text_embeds`)
+    "time_ids" (B, K)     raw micro-conditioning numbers, concatenated; the UNet turns each into
+                          256-d sinusoidal features inside its `add_embedding` (diffusers' layout).
+SD 1.x: one CLIP text embedder (last hidden state). SDXL: CLIP ViT-L + OpenCLIP bigG penultimate
+states concatenated (768 + 1280 = 2048), bigG's pooled vector, and original size / crop corner /
+target size as time ids. eDiff-I: a CLIP-style and a T5-style encoder, concatenated the same way.
+Each embedder has its own dropout rate, used in training for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from chorus.errors import ChorusError
+
+KINDS = ("context", "pooled", "time_ids")
+
+
+@dataclass
+class Conditioning:
+    """What one UNet call receives from the conditioner."""
+
+    context: torch.Tensor | None = None   # (B, L, D) -> encoder_hidden_states
+    pooled: torch.Tensor | None = None    # (B, P)    -> added_cond_kwargs["text_embeds"]
+    time_ids: torch.Tensor | None = None  # (B, K)    -> added_cond_kwargs["time_ids"]
+    notes: list[str] = field(default_factory=list)  # e.g. what a long prompt lost
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.context}
+        added = {}
+        if self.pooled is not None:
+            added["text_embeds"] = self.pooled
+        if self.time_ids is not None:
+            added["time_ids"] = self.time_ids
+        if added:
+            kwargs["added_cond_kwargs"] = added
+        return kwargs
+
+    def map(self, fn) -> "Conditioning":
+        """Apply `fn` to every tensor (repeat, move, cast)."""
+        return Conditioning(*(None if t is None else fn(t) for t in (self.context, self.pooled, self.time_ids)),
+                            notes=list(self.notes))
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Concatenate along the batch axis (the [unconditional, conditional] batch of guidance)."""
+        def join(name):
+            ts = [getattr(p, name) for p in parts]
+            return None if ts[0] is None else torch.cat(ts, 0)
+        return Conditioning(join("context"), join("pooled"), join("time_ids"),
+                            notes=[n for p in parts for n in p.notes])
+
+
+class Embedder(nn.Module):
+    """Reads `input_key` from a batch of inputs and returns {kind: tensor}."""
+
+    input_key: str = "prompt"
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = float(dropout)
+
+    def forward(self, values: Sequence[Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def unconditional(self, values: Sequence[Any], negative: Sequence[str] | None) -> dict[str, torch.Tensor]:
+        """The embedding guidance pushes away from; micro-conditioning keeps its values."""
+        return self(values)
+
+
+class TextEmbedder(Embedder):
+    """A tokenizer + a transformers text encoder (CLIP, or a BERT-style sentence encoder).
+
+    layer="last": the final (normed) hidden state, as SD 1.x; "penultimate": hidden_states[-2], as
+    SDXL. pooled=True also returns the pooled vector (CLIPTextModelWithProjection's `text_embeds`,
+    else `pooler_output`). zero_for_empty: an empty negative prompt gives a zero embedding (SDXL's
+    `force_zeros_for_empty_prompt`); otherwise the empty string is encoded (SD 1.x).
+    A prompt longer than the encoder's window is truncated and what was cut is reported.
+    """
+
+    input_key = "prompt"
+
+    def __init__(self, tokenizer, encoder: nn.Module, layer: str = "last", pooled: bool = False,
+                 context: bool = True, zero_for_empty: bool = False, max_length: int | None = None,
+                 dropout: float = 0.0, name: str = "text"):
+        super().__init__(dropout)
+        if layer not in ("last", "penultimate"):
+            raise ChorusError(f"TextEmbedder layer must be 'last' or 'penultimate', not {layer!r}.")
+        self.tokenizer, self.encoder, self.layer = tokenizer, encoder, layer
+        self.pooled, self.context, self.zero_for_empty, self.name = pooled, context, zero_for_empty, name
+        self.max_length = max_length or getattr(tokenizer, "model_max_length", 77)
+        self.notes: list[str] = []
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, max_length) token ids, padded to the window; records what truncation cut."""
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt")
+        full = self.tokenizer(list(prompts), padding="longest", truncation=False, return_tensors="pt").input_ids
+        if full.shape[1] > self.max_length:
+            for i, p in enumerate(prompts):
+                ids = [t for t in full[i].tolist() if t != self.tokenizer.pad_token_id]
+                if len(ids) > self.max_length:
+                    cut = self.tokenizer.decode(ids[self.max_length - 1:-1], skip_special_tokens=True).strip()
+                    note = (f"prompt {i} is longer than the {self.name} encoder's window of {self.max_length} "
+                            f"tokens; this part was cut: {cut!r}")
+                    self.notes.append(note)
+                    warnings.warn(note, stacklevel=3)
+        return tok.input_ids
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        device = next(self.encoder.parameters()).device
+        ids = self.tokenize(prompts).to(device)
+        out = self.encoder(ids, output_hidden_states=True)
+        result = {}
+        if self.context:
+            result["context"] = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+        if self.pooled:
+            pooled = getattr(out, "text_embeds", None)
+            result["pooled"] = pooled if pooled is not None else out.pooler_output
+        return result
+
+    def forward(self, values):
+        return self.encode(values)
+
+    def unconditional(self, values, negative):
+        if negative is None and self.zero_for_empty:  # diffusers: only when no negative prompt is given
+            return {k: torch.zeros_like(v) for k, v in self.encode(values).items()}
+        negative = list(negative) if negative is not None else [""] * len(values)
+        if len(negative) != len(values):
+            raise ChorusError(f"Got {len(negative)} negative prompts for {len(values)} prompts.")
+        return self.encode(negative)
+
+
+class NumberEmbedder(Embedder):
+    """Micro-conditioning (SDXL): a tuple of numbers per image, e.g. original (h, w) or crop (top, left).
+
+    Returns them as time ids; the UNet's `add_time_proj` makes 256-d Fourier features of each.
+    """
+
+    def __init__(self, input_key: str, width: int, dropout: float = 0.0):
+        super().__init__(dropout)
+        self.input_key, self.width = input_key, width
+
+    def forward(self, values):
+        rows = []
+        for v in values:
+            v = [v] if isinstance(v, (int, float)) else list(v)
+            if len(v) != self.width:
+                raise ChorusError(f"{self.input_key} needs {self.width} numbers per image, got {v}.")
+            rows.append([float(x) for x in v])
+        return {"time_ids": torch.tensor(rows, dtype=torch.float32)}
+
+
+class Conditioner(nn.Module):
+    """A list of embedders; their outputs are routed by kind and concatenated (sgm's GeneralConditioner)."""
+
+    def __init__(self, embedders: Sequence[Embedder]):
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders)
+
+    @property
+    def input_keys(self) -> list[str]:
+        return sorted({e.input_key for e in self.embedders})
+
+    def _inputs(self, inputs: dict[str, Sequence[Any]]) -> int:
+        missing = [k for k in self.input_keys if k not in inputs]
+        if missing:
+            raise ChorusError(f"The conditioner needs inputs {', '.join(missing)} (it reads {', '.join(self.input_keys)}).")
+        sizes = {len(inputs[k]) for k in self.input_keys}
+        if len(sizes) != 1:
+            raise ChorusError(f"Conditioner inputs have different batch sizes: { {k: len(inputs[k]) for k in self.input_keys} }.")
+        return sizes.pop()
+
+    def _route(self, outputs: list[dict[str, torch.Tensor]], dtype=None, device=None) -> Conditioning:
+        parts = {k: [o[k] for o in outputs if k in o] for k in KINDS}
+        context = parts["context"]
+        if context and len({c.shape[1] for c in context}) != 1:
+            raise ChorusError("Text embedders give sequences of different lengths "
+                              f"({[c.shape[1] for c in context]}); set the same max_length on each.")
+        joined = {k: (torch.cat([t.to(device=device or v[0].device) for t in v], -1) if v else None)
+                  for k, v in parts.items()}
+        if dtype is not None:
+            joined = {k: (v.to(dtype) if v is not None and k != "time_ids" else v) for k, v in joined.items()}
+        notes = [n for e in self.embedders for n in getattr(e, "notes", [])]
+        for e in self.embedders:
+            if hasattr(e, "notes"):
+                e.notes = []
+        return Conditioning(joined["context"], joined["pooled"], joined["time_ids"], notes=notes)
+
+    def forward(self, inputs: dict[str, Sequence[Any]], dropout: bool = False,
+                generator: torch.Generator | None = None, dtype=None, device=None) -> Conditioning:
+        """Embed a batch. With dropout=True each embedder's output is zeroed per item at its rate."""
+        n = self._inputs(inputs)
+        outputs = []
+        for e in self.embedders:
+            out = e(inputs[e.input_key])
+            if dropout and e.dropout > 0:
+                keep = (torch.rand(n, generator=generator) >= e.dropout).float()
+                out = {k: v * keep.to(v.device).view(-1, *[1] * (v.dim() - 1)) for k, v in out.items()}
+            outputs.append(out)
+        return self._route(outputs, dtype, device)
+
+    def unconditional(self, inputs: dict[str, Sequence[Any]], negative: Sequence[str] | None = None,
+                      dtype=None, device=None) -> Conditioning:
+        """The unconditional (or negative-prompt) branch of classifier-free guidance."""
+        self._inputs(inputs)
+        outputs = [e.unconditional(inputs[e.input_key], negative) for e in self.embedders]
+        return self._route(outputs, dtype, device)
