@@ -172,6 +172,7 @@ class Conditioner(nn.Module):
         return sorted({e.input_key for e in self.embedders})
 
     def _inputs(self, inputs: dict[str, Sequence[Any]]) -> int:
+        """Check every embedder's input is there, all with one batch size; return it."""
         missing = [k for k in self.input_keys if k not in inputs]
         if missing:
             raise ChorusError(f"The conditioner needs inputs {', '.join(missing)} (it reads {', '.join(self.input_keys)}).")
@@ -196,12 +197,16 @@ class Conditioner(nn.Module):
                 e.notes = []
         return Conditioning(joined["context"], joined["pooled"], joined["time_ids"], notes=notes)
 
+    def _active(self, text: bool) -> list[Embedder]:
+        """All embedders, or (text=False, when the caller brings its own prompt embeddings) the rest."""
+        return [e for e in self.embedders if text or not isinstance(e, TextEmbedder)]
+
     def forward(self, inputs: dict[str, Sequence[Any]], dropout: bool = False,
-                generator: torch.Generator | None = None, dtype=None, device=None) -> Conditioning:
+                generator: torch.Generator | None = None, dtype=None, device=None, text: bool = True) -> Conditioning:
         """Embed a batch. With dropout=True each embedder's output is zeroed per item at its rate."""
         n = self._inputs(inputs)
         outputs = []
-        for e in self.embedders:
+        for e in self._active(text):
             out = e(inputs[e.input_key])
             if dropout and e.dropout > 0:
                 keep = (torch.rand(n, generator=generator) >= e.dropout).float()
@@ -210,8 +215,9 @@ class Conditioner(nn.Module):
         return self._route(outputs, dtype, device)
 
     def unconditional(self, inputs: dict[str, Sequence[Any]], negative: Sequence[str] | None = None,
-                      dtype=None, device=None) -> Conditioning:
+                      dtype=None, device=None, text: bool = True) -> Conditioning:
         """The unconditional (or negative-prompt) branch of classifier-free guidance."""
         self._inputs(inputs)
-        outputs = [e.unconditional(inputs[e.input_key], negative) for e in self.embedders]
+        outputs = [e.unconditional(inputs.get(f"negative_{e.input_key}", inputs[e.input_key]), negative)
+                   for e in self._active(text)]
         return self._route(outputs, dtype, device)

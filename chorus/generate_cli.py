@@ -1,0 +1,191 @@
+"""`chorus generate` and `chorus info`."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from chorus.errors import ChorusError
+from chorus.models.io import atomic_write, read_json
+
+SETTINGS = ("prompt", "negative", "seed", "steps", "sampler", "guidance", "size", "model")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="make images from a prompt",
+                       description="Generate images from a text prompt with a diffusers-format model folder "
+                                   "(default: the model that ships with Chorus). Each PNG carries its settings "
+                                   "in PNG text chunks; --from-png re-creates one exactly.")
+    p.add_argument("prompt", nargs="?", help="the text prompt")
+    p.add_argument("--model", default=None, help="model folder, or 'default' (the shipped model)")
+    p.add_argument("--refiner", default=None, help="an SDXL refiner folder: a second expert for the last steps")
+    p.add_argument("--switch-at", type=float, default=0.8, help="where the refiner takes over (fraction, 0.8)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (20)")
+    p.add_argument("--sampler", default=None, help="sampler (dpmpp_2m); see `chorus generate --list-samplers`")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (0)")
+    p.add_argument("--n", type=int, default=4, help="number of images (4)")
+    p.add_argument("--size", default=None, help="HxW in pixels (the model's default size)")
+    p.add_argument("--out", default="outputs", help="output folder (outputs/)")
+    p.add_argument("--from-png", default=None, metavar="FILE", help="re-create the image FILE from its settings")
+    p.add_argument("--list-samplers", action="store_true", help="list the samplers and exit")
+    p.set_defaults(func=run_generate)
+
+
+def register_info(sub) -> None:
+    p = sub.add_parser("info", help="say what a model folder holds")
+    p.add_argument("path", help="a diffusers-format pipeline or component folder")
+    p.set_defaults(func=run_info)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text) or re.fullmatch(r"\s*(\d+)\s*", text)
+    if not m:
+        raise ChorusError(f"--size must look like HxW (e.g. 64x64) or a single number, got {text!r}.")
+    h = int(m.group(1))
+    return h, int(m.group(2)) if m.lastindex == 2 else h
+
+
+def read_png_settings(path: str) -> dict:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except (OSError, ValueError) as e:
+        raise ChorusError(f"Cannot read {path} as a PNG ({e}).") from None
+    if "chorus" not in text:
+        raise ChorusError(f"{path} carries no Chorus settings (no 'chorus' PNG text chunk); it was not made by "
+                          "`chorus generate`.")
+    return json.loads(text["chorus"])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "image"
+
+
+def _save_png(image, path: Path, settings: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k in SETTINGS:
+        info.add_text(k, "" if settings.get(k) is None else str(settings[k]))
+    info.add_text("chorus", json.dumps(settings, sort_keys=True))
+    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))
+
+
+def _free_path(folder: Path, stem: str) -> Path:
+    """A file name that overwrites nothing."""
+    path, k = folder / f"{stem}.png", 1
+    while path.exists():
+        path, k = folder / f"{stem}-{k}.png", k + 1
+    return path
+
+
+def run_generate(args) -> int:
+    from chorus import samplers
+    if args.list_samplers:
+        print("\n".join(sorted(samplers.SAMPLERS)))
+        return 0
+    settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
+                "guidance": 5.0, "size": None, "model": "default", "refiner": None}
+    n = args.n
+    if args.from_png:
+        settings.update(read_png_settings(args.from_png))
+        n = 1
+    for key, value in (("prompt", args.prompt), ("negative", args.negative), ("seed", args.seed),
+                       ("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance),
+                       ("size", args.size), ("model", args.model), ("refiner", args.refiner)):
+        if value is not None:
+            settings[key] = value
+    if not settings["prompt"]:
+        raise ChorusError("Give a prompt, e.g. chorus generate \"a red circle to the left of a blue square\".")
+    if n < 1:
+        raise ChorusError(f"--n must be at least 1, got {n}.")
+    samplers.get_sampler(settings["sampler"])  # fail before loading the model
+    size = parse_size(str(settings["size"])) if settings["size"] else None
+
+    import torch
+    from chorus.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained(settings["model"], refiner=settings["refiner"], switch_at=args.switch_at)
+    h, w = size or (pipe.default_size, pipe.default_size)
+    settings["size"] = f"{h}x{w}"
+    seed = int(settings["seed"])
+    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+    out = pipe(settings["prompt"], negative_prompt=settings["negative"], num_inference_steps=int(settings["steps"]),
+               guidance_scale=float(settings["guidance"]), height=h, width=w, num_images_per_prompt=n,
+               generator=gens, sampler=settings["sampler"])
+    for note in out.notes:
+        print(f"note: {note}", file=sys.stderr)
+    folder = Path(args.out)
+    for i, image in enumerate(out.images):
+        s = dict(settings, seed=seed + i)
+        path = _free_path(folder, f"{seed + i:06d}-{_slug(s['prompt'])}")
+        _save_png(image, path, s)
+        print(path)
+        if args.from_png:
+            import numpy as np
+            from PIL import Image
+            with Image.open(args.from_png) as ref:
+                same = np.array_equal(np.asarray(ref.convert("RGB")), np.asarray(image))
+            print(f"{'identical to' if same else 'DIFFERS from'} {args.from_png}")
+    return 0
+
+
+# --- chorus info ------------------------------------------------------------------------------------
+def _tensor_stats(folder: Path) -> tuple[int, set]:
+    """Parameter count and dtypes from safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+    count, dtypes = 0, set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                count += n
+                dtypes.add(str(sl.get_dtype()))
+    return count, dtypes
+
+
+def describe_unet(cfg: dict) -> str:
+    """Name the architecture a UNet config describes."""
+    if cfg.get("addition_embed_type") == "text_time":
+        n = cfg.get("projection_class_embeddings_input_dim")
+        return {2816: "SDXL base UNet", 2560: "SDXL refiner UNet"}.get(n, f"SDXL-style UNet (added vector {n})")
+    ctx = cfg.get("cross_attention_dim")
+    if cfg.get("use_linear_projection") and ctx == 1024:
+        return "Stable Diffusion 2.x UNet"
+    if ctx == 768 and tuple(cfg.get("block_out_channels", ())) == (320, 640, 1280, 1280):
+        return "Stable Diffusion 1.x UNet"
+    return f"SD-style UNet (context {ctx}, channels {cfg.get('block_out_channels')})"
+
+
+def run_info(args) -> int:
+    root = Path(args.path)
+    if str(args.path) == "default":
+        from chorus.pipeline import default_model_path
+        root = default_model_path()
+    if not root.is_dir():
+        raise ChorusError(f"{root} is not a folder.")
+    components = [root] if (root / "config.json").is_file() else sorted(
+        p for p in root.iterdir() if p.is_dir() and any((p / n).is_file() for n in ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json")))
+    if not components:
+        raise ChorusError(f"{root} holds no diffusers-format components (no config.json in it or its subfolders).")
+    print(f"{root}")
+    if (root / "model_index.json").is_file():
+        index = read_json(root / "model_index.json")
+        print(f"  pipeline: {index.get('_class_name', '?')}")
+    total = 0
+    for comp in components:
+        cfg_path = next((comp / n for n in ("config.json", "scheduler_config.json") if (comp / n).is_file()), None)
+        cfg = read_json(cfg_path) if cfg_path else {}
+        cls = cfg.get("_class_name") or cfg.get("architectures", ["?"])[0] if cfg else "tokenizer"
+        what = describe_unet(cfg) if cls == "UNet2DConditionModel" else cls
+        count, dtypes = _tensor_stats(comp)
+        total += count
+        extra = f", {count:,} parameters, {'/'.join(sorted(dtypes))}" if count else ""
+        print(f"  {comp.name if comp != root else '.'}: {what}{extra}")
+    print(f"  total parameters: {total:,}")
+    return 0

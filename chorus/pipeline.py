@@ -1,0 +1,361 @@
+"""Text-to-image: the denoising loop of latent diffusion, visible in one place.
+
+    prompt ──conditioner──► context / pooled / time ids ─┐
+    seed ──► noise x_T ──sampler(denoiser = UNet + guidance [+ controls])──► z_0 ──VAE.decode──► image
+
+`Pipeline.from_pretrained(folder)` reads a diffusers-format Stable Diffusion 1.x/2.x or SDXL
+folder (or a Chorus model folder, which has the same layout). An SDXL refiner joins as the second
+expert of an `ExpertEnsemble` (`refiner=` folder, `switch_at=0.8`).
+
+Seeds: the initial noise (and any per-step noise of stochastic samplers) is drawn on the CPU from
+a `torch.Generator` seeded with `seed` (or `seed + i` for the i-th image when `seeds_per_image` is
+set), in the same order and shapes as diffusers, so a seed gives the same image on every run and
+on any device, and the same image diffusers makes from the same folder, scheduler and steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from chorus import samplers as S
+from chorus.conditioning import Conditioner, Conditioning, NumberEmbedder, TextEmbedder
+from chorus.errors import ChorusError
+from chorus.experts import Expert, ExpertEnsemble
+from chorus.models.io import read_json
+from chorus.schedule import NoiseSchedule
+
+
+@dataclass
+class Stage:
+    """One expert's parts: a UNet, the conditioner that feeds it, and its schedule."""
+
+    unet: Any
+    conditioner: Conditioner
+    schedule: NoiseSchedule
+    prediction_type: str = "epsilon"
+    controls: list = field(default_factory=list)   # ControlNet-style controls (see chorus.controls)
+
+
+@dataclass
+class PipelineOutput:
+    images: list                         # PIL images, prompt-major (all images of prompt 0 first)
+    latents: torch.Tensor | None = None  # the final latents (before the VAE)
+    notes: list[str] = field(default_factory=list)   # e.g. what a long prompt lost
+
+
+def _text_encoder_class(name: str):
+    import transformers
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ChorusError(f"Unknown text encoder class {name!r} in model_index.json.")
+    return cls
+
+
+def load_text_embedder(folder: Path, encoder_dir: str, tokenizer_dir: str, class_name: str, **kwargs) -> TextEmbedder:
+    """A tokenizer + text encoder from a diffusers folder, through transformers, safetensors only."""
+    from transformers import AutoTokenizer
+    for d in (encoder_dir, tokenizer_dir):
+        if not (folder / d).is_dir():
+            raise ChorusError(f"{folder} has no {d}/ folder, which model_index.json lists.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / tokenizer_dir))
+        encoder = _text_encoder_class(class_name).from_pretrained(str(folder / encoder_dir), use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ChorusError(f"Could not load the text encoder in {folder / encoder_dir} ({str(e).splitlines()[0]}). "
+                          "Chorus reads text encoders from safetensors only.") from None
+    return TextEmbedder(tokenizer, encoder.eval(), name=encoder_dir, **kwargs)
+
+
+def load_stage(folder: Path, torch_dtype=None) -> tuple[Stage, Any]:
+    """Read a diffusers-format pipeline folder into a Stage and its VAE."""
+    from chorus.models import VAE, UNet
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ChorusError(f"Model folder {folder} does not exist.")
+    index = read_json(folder / "model_index.json")
+    for part in ("unet", "vae", "scheduler"):
+        if part not in index or not (folder / part).is_dir():
+            raise ChorusError(f"{folder} has no {part}/ component; a pipeline folder needs unet/, vae/, scheduler/ "
+                              "and at least one text_encoder/ with its tokenizer/.")
+    unet = UNet.from_pretrained(folder / "unet", torch_dtype=torch_dtype)
+    vae = VAE.from_pretrained(folder / "vae", torch_dtype=torch_dtype)
+    sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
+    schedule = NoiseSchedule.from_config(sched_cfg)
+    embedders: list = []
+    has1, has2 = "text_encoder" in index and index["text_encoder"][0], "text_encoder_2" in index and index["text_encoder_2"][0]
+    sdxl = unet.config.addition_embed_type == "text_time"
+    if not (has1 or has2):
+        raise ChorusError(f"{folder}/model_index.json lists no text encoder.")
+    if has1:
+        embedders.append(load_text_embedder(folder, "text_encoder", "tokenizer", index["text_encoder"][1],
+                                            layer="penultimate" if sdxl else "last",
+                                            zero_for_empty=sdxl and index.get("force_zeros_for_empty_prompt", True)))
+    if has2:
+        embedders.append(load_text_embedder(folder, "text_encoder_2", "tokenizer_2", index["text_encoder_2"][1],
+                                            layer="penultimate", pooled=True,
+                                            zero_for_empty=index.get("force_zeros_for_empty_prompt", True)))
+    if sdxl:
+        embedders.append(NumberEmbedder("original_size", 2))
+        embedders.append(NumberEmbedder("crop_top_left", 2))
+        if index.get("requires_aesthetics_score", False):
+            embedders.append(NumberEmbedder("aesthetic_score", 1))
+        else:
+            embedders.append(NumberEmbedder("target_size", 2))
+    stage = Stage(unet, Conditioner(embedders), schedule, sched_cfg.get("prediction_type", "epsilon"))
+    stage.scheduler_config = sched_cfg
+    return stage, vae
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] (B, 3, H, W) -> PIL, rounding as diffusers does."""
+    arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+
+
+class Pipeline:
+    """Latent diffusion text-to-image with classifier-free guidance, experts and controls."""
+
+    def __init__(self, vae, experts: ExpertEnsemble, scheduler_config: dict, name: str = ""):
+        self.vae, self.experts, self.scheduler_config, self.name = vae, experts, dict(scheduler_config), name
+
+    # --- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder, refiner=None, switch_at: float = 0.8, torch_dtype=None) -> "Pipeline":
+        """A diffusers-format folder; `refiner=` a second folder that takes over at `switch_at`."""
+        folder = default_model_path() if str(folder) == "default" else Path(folder)
+        base, vae = load_stage(folder, torch_dtype)
+        if refiner is None:
+            experts = [Expert("base", base)]
+        else:
+            ref, _ = load_stage(Path(refiner), torch_dtype)
+            experts = [Expert("base", base, 0.0, switch_at), Expert("refiner", ref, switch_at, 1.0)]
+        return cls(vae, ExpertEnsemble(experts), base.scheduler_config, name=str(folder))
+
+    @property
+    def base(self) -> Stage:
+        return self.experts.experts[0].model
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return self.base.unet.config.sample_size * self.vae_scale_factor
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _check(self, steps, guidance_scale, height, width, strength):
+        if not isinstance(steps, int) or steps < 1:
+            raise ChorusError(f"The number of steps must be a whole number ≥ 1, got {steps!r}.")
+        if not math.isfinite(float(guidance_scale)):
+            raise ChorusError(f"The guidance scale must be a finite number, got {guidance_scale!r}.")
+        m = self.size_multiple
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise ChorusError(f"The size {height}x{width} is not a multiple of {m} (this model's VAE factor "
+                              f"{self.vae_scale_factor} × the UNet's downsampling); try "
+                              f"{max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}.")
+        if not 0.0 < strength <= 1.0:
+            raise ChorusError(f"strength must be in (0, 1], got {strength}.")
+
+    def encode_prompt(self, stage: Stage, prompts: list[str], negative: list[str] | None, micro: dict,
+                      guidance: bool, n_per_prompt: int, prompt_embeds=None, negative_prompt_embeds=None,
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> tuple[Conditioning, Conditioning | None]:
+        """Conditional and unconditional conditioning, each repeated n_per_prompt times (prompt-major)."""
+        dtype, device = stage.unet.dtype, stage.unet.device
+        inputs = {"prompt": prompts, **micro}
+        with torch.no_grad():
+            if prompt_embeds is not None:
+                cond = stage.conditioner(inputs, dtype=dtype, device=device, text=False)
+                cond.context, cond.pooled = prompt_embeds.to(device, dtype), _opt(pooled_prompt_embeds, device, dtype)
+            else:
+                cond = stage.conditioner(inputs, dtype=dtype, device=device)
+            uncond = None
+            if guidance:
+                if negative_prompt_embeds is not None:
+                    uncond = stage.conditioner.unconditional(inputs, negative, dtype=dtype, device=device, text=False)
+                    uncond.context = negative_prompt_embeds.to(device, dtype)
+                    uncond.pooled = _opt(negative_pooled_prompt_embeds, device, dtype)
+                elif prompt_embeds is not None and negative is None:
+                    uncond = stage.conditioner.unconditional(inputs, None, dtype=dtype, device=device, text=False)
+                    uncond.context = torch.zeros_like(cond.context)
+                    uncond.pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
+                else:
+                    uncond = stage.conditioner.unconditional(inputs, negative, dtype=dtype, device=device)
+        rep = lambda t: t.repeat_interleave(n_per_prompt, 0)  # noqa: E731
+        return cond.map(rep), (uncond.map(rep) if uncond is not None else None)
+
+    def make_denoiser(self, stage: Stage, cond: Conditioning, uncond: Conditioning | None,
+                      guidance_scale: float, guidance_rescale: float, control_inputs: dict | None = None) -> Callable:
+        """D(x, σ): the UNet (+ controls), classifier-free guidance on its raw output, as a denoiser."""
+        unet = stage.unet
+        both = Conditioning.cat([uncond, cond]) if uncond is not None else cond
+        kwargs = both.unet_kwargs()
+
+        def net(x_vp: torch.Tensor, t) -> torch.Tensor:
+            x_in = torch.cat([x_vp, x_vp]) if uncond is not None else x_vp
+            t_in = torch.as_tensor(t, device=x_in.device).expand(x_in.shape[0]) if torch.as_tensor(t).dim() == 0 else t
+            x_in = x_in.to(unet.dtype)
+            extra = {}
+            for control in stage.controls:
+                extra = control.residuals(x_in, t_in, both, control_inputs, extra)
+            out = unet(x_in, t_in, **kwargs, **extra).float()
+            if uncond is None:
+                return out
+            out_uncond, out_cond = out.chunk(2)
+            return S.cfg_combine(out_uncond, out_cond, guidance_scale, guidance_rescale)
+
+        return S.Denoiser(net, stage.schedule, stage.prediction_type)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt=None, num_inference_steps: int = 20,
+                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
+                 generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None,
+                 prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, sampler: str = "dpmpp_2m", timestep_spacing: str | None = None,
+                 karras: bool | None = None, eta: float = 0.0, image=None, strength: float = 1.0,
+                 denoising_start: float | None = None, denoising_end: float | None = None,
+                 original_size=None, crop_top_left=(0, 0), target_size=None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, control_image=None, controlnet_conditioning_scale: float = 1.0,
+                 output_type: str = "pil", callback: Callable | None = None, progress: bool = True) -> PipelineOutput:
+        """Generate images; argument names follow diffusers' StableDiffusion(XL)Pipeline."""
+        height = height or self.default_size
+        width = width or self.default_size
+        self._check(num_inference_steps, guidance_scale, height, width, strength)
+        sample_fn = S.get_sampler(sampler)
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ChorusError("Give a prompt (or prompt_embeds).")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        else:
+            prompts = [""] * prompt_embeds.shape[0]
+        negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        batch = len(prompts) * num_images_per_prompt
+        guidance = guidance_scale > 1.0
+        size = (height, width)
+        micro = {"original_size": [tuple(original_size or size)] * len(prompts),
+                 "crop_top_left": [tuple(crop_top_left)] * len(prompts),
+                 "target_size": [tuple(target_size or size)] * len(prompts),
+                 "aesthetic_score": [aesthetic_score] * len(prompts),
+                 "negative_aesthetic_score": [negative_aesthetic_score] * len(prompts)}
+
+        # the sampling schedule, from the base expert's scheduler config
+        cfg = self.scheduler_config
+        spacing = timestep_spacing or cfg.get("timestep_spacing", "leading")
+        use_karras = cfg.get("use_karras_sigmas", False) if karras is None else karras
+        schedule = self.base.schedule
+        sigmas, timesteps = S.get_schedule(schedule, num_inference_steps, sampler=sampler, spacing=spacing,
+                                           steps_offset=cfg.get("steps_offset", 0), karras=use_karras,
+                                           set_alpha_to_one=cfg.get("set_alpha_to_one", True))
+        if image is not None and strength < 1.0:
+            sigmas, timesteps = S.img2img_schedule(sigmas, timesteps, strength)
+        if denoising_start is not None or denoising_end is not None:
+            sigmas, timesteps = S.split_schedule(sigmas, timesteps, denoising_start, denoising_end,
+                                                 schedule.num_train_timesteps)
+
+        # the initial latent: seeded noise on the CPU (diffusers' order), or an encoded image noised to σ_0
+        gens = self._generators(seed, generator, batch)
+        shape = (batch, self.base.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        device = self.base.unet.device
+        if latents is None:
+            noise = _randn(shape, gens)
+        else:
+            noise = latents.float().cpu()
+            if noise.shape != shape:
+                raise ChorusError(f"latents have shape {tuple(noise.shape)}, expected {shape}.")
+        if image is not None:
+            z0 = self.encode_image(image, batch, gens)
+            x = S.noise_to_sigma(z0, noise, sigmas[0]) if denoising_start is None else z0
+        else:
+            x = S.initial_latents(noise, sigmas, sampler=sampler, spacing=spacing)
+        x = x.to(device)
+
+        notes: list[str] = []
+        conds = {}
+        for expert in self.experts:
+            stage: Stage = expert.model
+            conds[expert.name] = self.encode_prompt(stage, prompts, negative, micro, guidance, num_images_per_prompt,
+                                                    prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                                    negative_pooled_prompt_embeds)
+            notes += conds[expert.name][0].notes
+
+        def make_denoiser(expert: Expert):
+            cond, uncond = conds[expert.name]
+            control_inputs = {"image": control_image, "scale": controlnet_conditioning_scale}
+            return self.make_denoiser(expert.model, cond, uncond, guidance_scale, guidance_rescale, control_inputs)
+
+        x = self.experts.sample(sample_fn, make_denoiser, x, sigmas, timesteps, schedule.num_train_timesteps,
+                                generator=gens, callback=callback, disable=not progress, **_knobs(sampler, eta))
+        z = S.final_latents(x, sigmas)
+        if output_type == "latent":
+            return PipelineOutput(images=[], latents=z, notes=notes)
+        images = self.decode(z)
+        return PipelineOutput(images=_to_pil(images) if output_type == "pil" else images, latents=z, notes=notes)
+
+    # --- VAE -------------------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        z = z.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return self.vae.decode(z).float()
+
+    def encode_image(self, image, batch: int, gens) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+            image = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        image = image.to(self.vae.device, self.vae.dtype)
+        if image.shape[0] == 1 and batch > 1:
+            image = image.expand(batch, -1, -1, -1)
+        posterior = self.vae.encode(image)
+        g = gens[0] if isinstance(gens, list) else gens
+        z = posterior.sample(generator=g)
+        cfg = self.vae.config
+        return ((z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).float().cpu()
+
+    @staticmethod
+    def _generators(seed, generator, batch):
+        if generator is not None:
+            if isinstance(generator, list) and len(generator) != batch:
+                raise ChorusError(f"Got {len(generator)} generators for a batch of {batch} images.")
+            return generator
+        g = torch.Generator("cpu")
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(seed))
+        return g
+
+
+def default_model_path() -> Path:
+    """The model that ships with Chorus (`--model default`)."""
+    for root in (Path(__file__).resolve().parent / "weights", Path(__file__).resolve().parent.parent / "weights"):
+        if (root / "default" / "model_index.json").is_file():
+            return root / "default"
+    raise ChorusError("The default model is not installed (weights/default is missing); pass --model PATH "
+                      "to a diffusers-format folder, or train one with `chorus train --preset default`.")
+
+
+def _opt(t, device, dtype):
+    return None if t is None else t.to(device, dtype)
+
+
+def _randn(shape, gens) -> torch.Tensor:
+    """Noise drawn on the CPU: one draw for the batch, or one per image with a list of generators."""
+    if isinstance(gens, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens])
+    return torch.randn(shape, generator=gens)
+
+
+def _knobs(sampler: str, eta: float) -> dict:
+    return {"eta": eta} if sampler == "ddim" else {}
