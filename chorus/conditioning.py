@@ -104,16 +104,14 @@ class TextEmbedder(Embedder):
         """(B, max_length) token ids, padded to the window; records what truncation cut."""
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
-        full = self.tokenizer(list(prompts), padding="longest", truncation=False, return_tensors="pt").input_ids
-        if full.shape[1] > self.max_length:
-            for i, p in enumerate(prompts):
-                ids = [t for t in full[i].tolist() if t != self.tokenizer.pad_token_id]
-                if len(ids) > self.max_length:
-                    cut = self.tokenizer.decode(ids[self.max_length - 1:-1], skip_special_tokens=True).strip()
-                    note = (f"prompt {i} is longer than the {self.name} encoder's window of {self.max_length} "
-                            f"tokens; this part was cut: {cut!r}")
-                    self.notes.append(note)
-                    warnings.warn(note, stacklevel=3)
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer(p, truncation=False).input_ids  # [BOS, …, EOS], unpadded
+            if len(ids) > self.max_length:
+                cut = self.tokenizer.decode(ids[self.max_length - 1:-1], skip_special_tokens=True).strip()
+                note = (f"prompt {i} is longer than the {self.name} encoder's window of {self.max_length} "
+                        f"tokens; this part was cut: {cut!r}")
+                self.notes.append(note)
+                warnings.warn(note, stacklevel=3)
         return tok.input_ids
 
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

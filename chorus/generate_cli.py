@@ -9,6 +9,7 @@ from pathlib import Path
 from chorus.errors import ChorusError
 from chorus.models.io import atomic_write, read_json
 
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
 SETTINGS = ("prompt", "negative", "seed", "steps", "sampler", "guidance", "size", "model")
 
 
@@ -111,14 +112,15 @@ def run_generate(args) -> int:
     h, w = size or (pipe.default_size, pipe.default_size)
     settings["size"] = f"{h}x{w}"
     seed = int(settings["seed"])
-    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
-    out = pipe(settings["prompt"], negative_prompt=settings["negative"], num_inference_steps=int(settings["steps"]),
-               guidance_scale=float(settings["guidance"]), height=h, width=w, num_images_per_prompt=n,
-               generator=gens, sampler=settings["sampler"])
-    for note in out.notes:
-        print(f"note: {note}", file=sys.stderr)
     folder = Path(args.out)
-    for i, image in enumerate(out.images):
+    for i in range(n):
+        # one image per call, seeded with seed+i: each PNG's settings re-create it bit for bit
+        out = pipe(settings["prompt"], negative_prompt=settings["negative"], num_inference_steps=int(settings["steps"]),
+                   guidance_scale=float(settings["guidance"]), height=h, width=w,
+                   generator=torch.Generator("cpu").manual_seed(seed + i), sampler=settings["sampler"])
+        for note in out.notes if i == 0 else ():
+            print(f"note: {note}", file=sys.stderr)
+        image = out.images[0]
         s = dict(settings, seed=seed + i)
         path = _free_path(folder, f"{seed + i:06d}-{_slug(s['prompt'])}")
         _save_png(image, path, s)
@@ -145,7 +147,7 @@ def _tensor_stats(folder: Path) -> tuple[int, set]:
                 for d in sl.get_shape():
                     n *= d
                 count += n
-                dtypes.add(str(sl.get_dtype()))
+                dtypes.add(SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
     return count, dtypes
 
 

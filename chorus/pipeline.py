@@ -61,6 +61,9 @@ def _text_encoder_class(name: str):
 def load_text_embedder(folder: Path, encoder_dir: str, tokenizer_dir: str, class_name: str, **kwargs) -> TextEmbedder:
     """A tokenizer + text encoder from a diffusers folder, through transformers, safetensors only."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # our own output stays one clean paragraph on errors
+    hf_logging.set_verbosity_error()
     for d in (encoder_dir, tokenizer_dir):
         if not (folder / d).is_dir():
             raise ChorusError(f"{folder} has no {d}/ folder, which model_index.json lists.")
@@ -197,15 +200,16 @@ class Pipeline:
         return cond.map(rep), (uncond.map(rep) if uncond is not None else None)
 
     def make_denoiser(self, stage: Stage, cond: Conditioning, uncond: Conditioning | None,
-                      guidance_scale: float, guidance_rescale: float, control_inputs: dict | None = None) -> Callable:
+                      guidance_scale: float, guidance_rescale: float, control_inputs: dict | None = None,
+                      sigmas: torch.Tensor | None = None, timesteps: torch.Tensor | None = None) -> Callable:
         """D(x, σ): the UNet (+ controls), classifier-free guidance on its raw output, as a denoiser."""
         unet = stage.unet
         both = Conditioning.cat([uncond, cond]) if uncond is not None else cond
         kwargs = both.unet_kwargs()
 
-        def net(x_vp: torch.Tensor, t) -> torch.Tensor:
-            x_in = torch.cat([x_vp, x_vp]) if uncond is not None else x_vp
-            t_in = torch.as_tensor(t, device=x_in.device).expand(x_in.shape[0]) if torch.as_tensor(t).dim() == 0 else t
+        def net(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = torch.cat([x_vp, x_vp]) if uncond is not None else x_vp   # [uncond, cond] in one batch
+            t_in = t.repeat(x_in.shape[0] // t.shape[0]).to(x_in.device)
             x_in = x_in.to(unet.dtype)
             extra = {}
             for control in stage.controls:
@@ -216,7 +220,7 @@ class Pipeline:
             out_uncond, out_cond = out.chunk(2)
             return S.cfg_combine(out_uncond, out_cond, guidance_scale, guidance_rescale)
 
-        return S.Denoiser(net, stage.schedule, stage.prediction_type)
+        return S.Denoiser(net, stage.schedule, stage.prediction_type, sigmas=sigmas, timesteps=timesteps)
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt=None, num_inference_steps: int = 20,
@@ -294,11 +298,12 @@ class Pipeline:
         def make_denoiser(expert: Expert):
             cond, uncond = conds[expert.name]
             control_inputs = {"image": control_image, "scale": controlnet_conditioning_scale}
-            return self.make_denoiser(expert.model, cond, uncond, guidance_scale, guidance_rescale, control_inputs)
+            return self.make_denoiser(expert.model, cond, uncond, guidance_scale, guidance_rescale, control_inputs,
+                                      sigmas, timesteps)
 
         x = self.experts.sample(sample_fn, make_denoiser, x, sigmas, timesteps, schedule.num_train_timesteps,
                                 generator=gens, callback=callback, disable=not progress, **_knobs(sampler, eta))
-        z = S.final_latents(x, sigmas)
+        z = S.final_latents(x, sigmas, sampler)
         if output_type == "latent":
             return PipelineOutput(images=[], latents=z, notes=notes)
         images = self.decode(z)
