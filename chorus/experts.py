@@ -67,8 +67,17 @@ class ExpertEnsemble:
         return out
 
     def sample(self, sampler: Callable, make_denoiser: Callable[[Expert], Callable], x: torch.Tensor,
-               sigmas: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int, **kwargs) -> torch.Tensor:
-        """Run `sampler` expert by expert over its own segment of the schedule."""
+               sigmas: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int,
+               per_step: dict[str, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+        """Run `sampler` expert by expert over its own segment of the schedule.
+
+        `per_step` holds sampler arguments with one entry per step (e.g. DDIM's landing sigmas);
+        each expert gets the slice of its own steps.
+        """
+        first = 0
         for expert, seg in self.segments(sigmas, timesteps, num_train_timesteps):
-            x = sampler(make_denoiser(expert), x, seg, **kwargs)
+            steps = len(seg) - 1
+            sliced = {k: v[first:first + steps] for k, v in (per_step or {}).items()}
+            x = sampler(make_denoiser(expert), x, seg, **kwargs, **sliced)
+            first += steps
         return x

@@ -301,8 +301,16 @@ class Pipeline:
             return self.make_denoiser(expert.model, cond, uncond, guidance_scale, guidance_rescale, control_inputs,
                                       sigmas, timesteps)
 
+        knobs, per_step = {}, {}
+        if sampler == "ddim":
+            knobs["eta"] = eta
+            # diffusers' DDIM steps to t − T//n, which is not always the next timestep of the schedule
+            per_step["landing_sigmas"] = S.ddim_landing_sigmas(schedule, timesteps, num_inference_steps,
+                                                               final_sigma_zero=bool(sigmas[-1] == 0))
+        elif sampler.startswith("dpmpp_2m") and len(self.experts) == 1:
+            knobs["lower_order_final"] = num_inference_steps < 15 and bool(sigmas[-1] > 0)
         x = self.experts.sample(sample_fn, make_denoiser, x, sigmas, timesteps, schedule.num_train_timesteps,
-                                generator=gens, callback=callback, disable=not progress, **_knobs(sampler, eta))
+                                per_step=per_step, generator=gens, callback=callback, disable=not progress, **knobs)
         z = S.final_latents(x, sigmas, sampler)
         if output_type == "latent":
             return PipelineOutput(images=[], latents=z, notes=notes)
@@ -361,6 +369,3 @@ def _randn(shape, gens) -> torch.Tensor:
         return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens])
     return torch.randn(shape, generator=gens)
 
-
-def _knobs(sampler: str, eta: float) -> dict:
-    return {"eta": eta} if sampler == "ddim" else {}

@@ -110,24 +110,27 @@ def _karras_grid(schedule, sig, train, num_steps, grid):
     lo, hi = (float(train[0]), float(train[-1])) if grid == "dpmsolver" else (float(sig[-1]), float(sig[0]))
     sig = karras_sigmas(lo, hi, num_steps)
     ts = sigma_to_t(torch.from_numpy(sig), train.log()).numpy()
-    if grid == "dpmsolver" and schedule.beta_schedule != "squaredcos_cap_v2":
-        return sig, ts.round().astype(np.int64)
+    if grid == "dpmsolver":   # diffusers rounds (truncates for the cosine schedule) to integer timesteps
+        return sig, (ts if schedule.beta_schedule == "squaredcos_cap_v2" else ts.round()).astype(np.int64)
     return sig, ts.astype(np.float32)
 
 
-def get_sigmas(schedule: NoiseSchedule, num_steps: int, **kwargs) -> torch.Tensor:
+def get_sigmas(schedule: NoiseSchedule, num_steps: int, sampler: str = "euler", spacing: str | None = None,
+               steps_offset: int | None = None, karras: bool | None = None,
+               final_sigma_zero: bool | None = None) -> torch.Tensor:
     """The descending noise levels σ_0 > … > σ_{n−1} > σ_n (= 0), float32 (n+1,); see get_schedule."""
-    return get_schedule(schedule, num_steps, **kwargs)[0]
+    return get_schedule(schedule, num_steps, sampler, spacing, steps_offset, karras, final_sigma_zero)[0]
 
 
-def get_timesteps(schedule: NoiseSchedule, num_steps: int, **kwargs) -> torch.Tensor:
+def get_timesteps(schedule: NoiseSchedule, num_steps: int, sampler: str = "euler", spacing: str | None = None,
+                  steps_offset: int | None = None, karras: bool | None = None) -> torch.Tensor:
     """The network timesteps t_i of σ_0..σ_{n−1} (n,): int64, or float32 for the Euler/Heun family."""
-    return get_schedule(schedule, num_steps, **kwargs)[1]
+    return get_schedule(schedule, num_steps, sampler, spacing, steps_offset, karras)[1]
 
 
 def ddim_landing_sigmas(schedule: NoiseSchedule, timesteps: torch.Tensor, num_steps: int | None = None,
                         final_sigma_zero: bool = True) -> torch.Tensor:
-    """σ(t − T//n) for each step: where diffusers' DDIMScheduler lands (≠ the next σ for 'linspace', or 'trailing' with n∤T)."""
+    """σ(t − T//n) per step: where diffusers' DDIMScheduler lands (not the next σ for 'linspace', or n∤T)."""
     T = schedule.num_train_timesteps
     n = num_steps or len(timesteps)
     train = training_sigmas(schedule, VP_ZERO_SNR_ALPHA_BAR)
@@ -153,7 +156,7 @@ def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
 
 def split_schedule(sigmas: torch.Tensor, timesteps: torch.Tensor, denoising_start: float | None = None,
                    denoising_end: float | None = None, num_train_timesteps: int = 1000):
-    """The steps between two fractions of denoising, diffusers' way: cut at t = int(round(T − f·T)), steps with t ≥ cut before it."""
+    """The steps between two fractions of denoising: cut at t = int(round(T − f·T)); steps with t ≥ cut before it."""
     keep = torch.ones(len(timesteps), dtype=torch.bool)
     if denoising_end is not None:
         keep &= timesteps >= _cutoff(denoising_end, num_train_timesteps)
@@ -399,7 +402,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 @torch.no_grad()
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, generator=None):
-    """Ancestral sampling from q(x_{t−1} | x_t, x̂_0):  x ← (σ_{i+1}²/σ_i²)·x + (1 − σ_{i+1}²/σ_i²)·D + σ_up·z  (Ho et al. 2020, eq. 7)."""
+    """x ~ q(x_{t−1} | x_t, x̂_0):  x ← (σ'²/σ²)·x + (1 − σ'²/σ²)·D + σ_up·z,  σ' = σ_{i+1}  (Ho et al. 2020, eq. 7)."""
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -415,7 +418,7 @@ def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, generator=None,
                     lower_order_final: bool = False):
-    """x ← (σ_{i+1}/σ_i)·x − (e^{−h} − 1)·D̃,  D̃ = (1 + 1/2r)·D_i − (1/2r)·D_{i−1},  h = log(σ_i/σ_{i+1})  (Lu et al. 2022)."""
+    """x ← (σ'/σ)·x − (e^{−h} − 1)·D̃,  D̃ = D_i + (D_i − D_{i−1})/2r,  h = log(σ/σ'), r = h_{i−1}/h  (Lu et al. 2022)."""
     extra_args = extra_args or {}
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -436,7 +439,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, generator=None,
                         eta: float = 1.0, s_noise: float = 1.0, lower_order_final: bool = False):
-    """x ← (σ_{i+1}/σ_i)e^{−ηh}·x + (1 − e^{−(1+η)h})·D̃ + σ_{i+1}√(1 − e^{−2ηh})·z  (DPM-Solver++(2M) SDE, midpoint)."""
+    """x ← (σ'/σ)e^{−ηh}·x + (1 − e^{−(1+η)h})·D̃ + σ'√(1 − e^{−2ηh})·z  (DPM-Solver++(2M) SDE, midpoint)."""
     extra_args = extra_args or {}
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):

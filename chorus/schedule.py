@@ -309,7 +309,7 @@ def min_snr_weight(snr: torch.Tensor, prediction_type: str, gamma: float) -> tor
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    schedule: NoiseSchedule, prediction_type: str | None = None, min_snr_gamma: float | None = None,
                    reduction: str = "mean") -> torch.Tensor:
-    """L_t = ‖target − model_output‖² (mean over non-batch dims), target = ε, v or x_0; optionally min-SNR-γ weighted."""
+    """L_t = ‖target − output‖² (mean over non-batch dims), target = ε, v or x_0; optionally min-SNR-γ weighted."""
     kind = prediction_type or schedule.prediction_type
     target = schedule.training_target(x0, noise, t, kind)
     per_item = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)        # (B,)

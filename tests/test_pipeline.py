@@ -134,3 +134,19 @@ def test_missing_folder_and_component(tmp_path, sd_folder):
     shutil.rmtree(broken / "vae")
     with pytest.raises(ChorusError, match="vae"):
         Pipeline.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("sampler, spacing, karras", [("ddim", "trailing", False), ("ddim", "linspace", False),
+                                                      ("dpmpp_2m", "leading", True), ("euler", "linspace", True)])
+def test_spacings_and_karras_match_diffusers(sd_folder, sampler, spacing, karras):
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_folder))
+    extra = {"use_karras_sigmas": True} if karras else {}
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config, timestep_spacing=spacing,
+                                                                         **extra)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a yellow cross", num_inference_steps=7, guidance_scale=4.0, height=32, width=32)
+    ref = pipe(generator=torch.Generator().manual_seed(1), output_type="latent", **kw).images
+    ours = Pipeline.from_pretrained(sd_folder)(sampler=sampler, timestep_spacing=spacing, karras=karras, seed=1,
+                                              output_type="latent", progress=False, **kw).latents
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

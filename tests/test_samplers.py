@@ -141,14 +141,15 @@ def test_cfg_combine():
 
 # --- sampling schedules against diffusers -----------------------------------------------------------
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "heun", "dpmpp_2m"])
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+GRIDS = [(s, k) for s in ("ddim", "ddpm", "euler", "heun", "dpmpp_2m") for k in (False, True)
+         if not (k and s in ("ddim", "ddpm"))]        # diffusers' DDIM/DDPM have no Karras sigmas
+
+
+@pytest.mark.parametrize("sampler,karras", GRIDS)
+@pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("n", [7, 10, 25])
-@pytest.mark.parametrize("karras", [False, True])
 def test_schedule_matches_set_timesteps(sampler, spacing, n, karras):
     import diffusers
-    if karras and sampler in ("ddim", "ddpm"):
-        pytest.skip("diffusers' DDIM/DDPM have no Karras sigmas")
     cfg = config(sampler, spacing, karras=karras)
     ref = getattr(diffusers, CLASSES[sampler]).from_config(cfg)
     ref.set_timesteps(n)
@@ -450,3 +451,13 @@ def test_generator_list_draws_per_item_like_diffusers():
     torch.testing.assert_close(S.randn_like(x, gens), ref)
     torch.testing.assert_close(S.randn_like(x, [torch.Generator().manual_seed(9)]),
                                torch.randn(x.shape, generator=torch.Generator().manual_seed(9)))
+
+
+def test_first_order_dpm_solver_steps_are_ddim_and_ddpm():
+    """With two steps (a first step and the step into σ = 0) DPM-Solver++ is DDIM η=0 and its SDE form is DDPM."""
+    den = GaussianDenoiser()
+    sig = torch.tensor([9.0, 1.5, 0.0])
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)) * 9
+    torch.testing.assert_close(S.sample_dpmpp_2m(den, x, sig, disable=True), S.sample_ddim(den, x, sig, disable=True))
+    torch.testing.assert_close(S.sample_dpmpp_2m_sde(den, x, sig, disable=True, generator=torch.Generator().manual_seed(1)),
+                               S.sample_ddpm(den, x, sig, disable=True, generator=torch.Generator().manual_seed(1)))
