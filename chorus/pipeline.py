@@ -273,14 +273,14 @@ class Pipeline:
         gens = self._generators(seed, generator, batch)
         shape = (batch, self.base.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         device = self.base.unet.device
+        z0 = self.encode_image(image, batch, gens) if image is not None else None  # diffusers draws this first
         if latents is None:
             noise = _randn(shape, gens)
         else:
             noise = latents.float().cpu()
             if noise.shape != shape:
                 raise ChorusError(f"latents have shape {tuple(noise.shape)}, expected {shape}.")
-        if image is not None:
-            z0 = self.encode_image(image, batch, gens)
+        if z0 is not None:
             x = S.noise_to_sigma(z0, noise, sigmas[0]) if denoising_start is None else z0
         else:
             x = S.initial_latents(noise, sigmas, sampler=sampler, spacing=spacing)

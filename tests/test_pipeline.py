@@ -150,3 +150,17 @@ def test_spacings_and_karras_match_diffusers(sd_folder, sampler, spacing, karras
     ours = Pipeline.from_pretrained(sd_folder)(sampler=sampler, timestep_spacing=spacing, karras=karras, seed=1,
                                               output_type="latent", progress=False, **kw).latents
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_img2img_strength_matches_diffusers(sd_folder):
+    import diffusers
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(sd_folder))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a blue square", num_inference_steps=10, guidance_scale=4.0, strength=0.6)
+    ref = pipe(image=init, generator=torch.Generator().manual_seed(2), output_type="latent", **kw).images
+    ours = Pipeline.from_pretrained(sd_folder)(image=init, sampler="euler", seed=2, height=32, width=32,
+                                              output_type="latent", progress=False, **kw).latents
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
