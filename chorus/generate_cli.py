@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model folder, or 'default' (the shipped model)")
     p.add_argument("--refiner", default=None, help="an SDXL refiner folder: a second expert for the last steps")
     p.add_argument("--switch-at", type=float, default=0.8, help="where the refiner takes over (fraction, 0.8)")
+    p.add_argument("--controlnet", default=None, help="a ControlNet folder (a control of the UNet)")
+    p.add_argument("--control-image", default=None, help="the condition image for --controlnet (edges, layout, …)")
+    p.add_argument("--control-scale", type=float, default=None, help="ControlNet conditioning scale (1.0)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (20)")
     p.add_argument("--sampler", default=None, help="sampler (dpmpp_2m); see `chorus generate --list-samplers`")
@@ -89,14 +92,17 @@ def run_generate(args) -> int:
         print("\n".join(sorted(samplers.SAMPLERS)))
         return 0
     settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
-                "guidance": 5.0, "size": None, "model": "default", "refiner": None}
+                "guidance": 5.0, "size": None, "model": "default", "refiner": None, "controlnet": None,
+                "control_image": None, "control_scale": 1.0}
     n = args.n
     if args.from_png:
         settings.update(read_png_settings(args.from_png))
         n = 1
     for key, value in (("prompt", args.prompt), ("negative", args.negative), ("seed", args.seed),
                        ("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance),
-                       ("size", args.size), ("model", args.model), ("refiner", args.refiner)):
+                       ("size", args.size), ("model", args.model), ("refiner", args.refiner),
+                       ("controlnet", args.controlnet), ("control_image", args.control_image),
+                       ("control_scale", args.control_scale)):
         if value is not None:
             settings[key] = value
     if not settings["prompt"]:
@@ -108,7 +114,17 @@ def run_generate(args) -> int:
 
     import torch
     from chorus.pipeline import Pipeline
-    pipe = Pipeline.from_pretrained(settings["model"], refiner=settings["refiner"], switch_at=args.switch_at)
+    control = None
+    if settings["controlnet"]:
+        if not settings["control_image"]:
+            raise ChorusError("--controlnet needs --control-image (the condition image: edges, layout, …).")
+        from PIL import Image
+        try:
+            control = Image.open(settings["control_image"]).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ChorusError(f"Cannot read the control image {settings['control_image']} ({e}).") from None
+    pipe = Pipeline.from_pretrained(settings["model"], refiner=settings["refiner"], switch_at=args.switch_at,
+                                    controlnet=settings["controlnet"])
     h, w = size or (pipe.default_size, pipe.default_size)
     settings["size"] = f"{h}x{w}"
     seed = int(settings["seed"])
@@ -117,7 +133,8 @@ def run_generate(args) -> int:
         # one image per call, seeded with seed+i: each PNG's settings re-create it bit for bit
         out = pipe(settings["prompt"], negative_prompt=settings["negative"], num_inference_steps=int(settings["steps"]),
                    guidance_scale=float(settings["guidance"]), height=h, width=w,
-                   generator=torch.Generator("cpu").manual_seed(seed + i), sampler=settings["sampler"])
+                   generator=torch.Generator("cpu").manual_seed(seed + i), sampler=settings["sampler"],
+                   control_image=control, controlnet_conditioning_scale=float(settings["control_scale"]))
         for note in out.notes if i == 0 else ():
             print(f"note: {note}", file=sys.stderr)
         image = out.images[0]

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from chorus import samplers as S
+from chorus.controls import ControlNetControl, control_image_tensor, merge_residuals
 from chorus.conditioning import Conditioner, Conditioning, NumberEmbedder, TextEmbedder
 from chorus.errors import ChorusError
 from chorus.experts import Expert, ExpertEnsemble
@@ -40,7 +41,7 @@ class Stage:
     conditioner: Conditioner
     schedule: NoiseSchedule
     prediction_type: str = "epsilon"
-    controls: list = field(default_factory=list)   # ControlNet-style controls (see chorus.controls)
+    controls: list = field(default_factory=list)   # ControlNet models adding residuals to this UNet's skips
 
 
 @dataclass
@@ -130,10 +131,16 @@ class Pipeline:
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder, refiner=None, switch_at: float = 0.8, torch_dtype=None) -> "Pipeline":
-        """A diffusers-format folder; `refiner=` a second folder that takes over at `switch_at`."""
+    def from_pretrained(cls, folder, refiner=None, switch_at: float = 0.8, controlnet=None,
+                        torch_dtype=None) -> "Pipeline":
+        """A diffusers-format folder; `refiner=` a second folder that takes over at `switch_at`;
+        `controlnet=` one ControlNet folder or a list of them (controls of the base UNet)."""
+        from chorus.models import ControlNet
         folder = default_model_path() if str(folder) == "default" else Path(folder)
         base, vae = load_stage(folder, torch_dtype)
+        if controlnet is not None:
+            paths = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+            base.controls = [ControlNet.from_pretrained(p, torch_dtype=torch_dtype) for p in paths]
         if refiner is None:
             experts = [Expert("base", base)]
         else:
@@ -200,7 +207,7 @@ class Pipeline:
         return cond.map(rep), (uncond.map(rep) if uncond is not None else None)
 
     def make_denoiser(self, stage: Stage, cond: Conditioning, uncond: Conditioning | None,
-                      guidance_scale: float, guidance_rescale: float, control_inputs: dict | None = None,
+                      guidance_scale: float, guidance_rescale: float, controls: Sequence = (),
                       sigmas: torch.Tensor | None = None, timesteps: torch.Tensor | None = None) -> Callable:
         """D(x, σ): the UNet (+ controls), classifier-free guidance on its raw output, as a denoiser."""
         unet = stage.unet
@@ -211,9 +218,9 @@ class Pipeline:
             x_in = torch.cat([x_vp, x_vp]) if uncond is not None else x_vp   # [uncond, cond] in one batch
             t_in = t.repeat(x_in.shape[0] // t.shape[0]).to(x_in.device)
             x_in = x_in.to(unet.dtype)
-            extra = {}
-            for control in stage.controls:
-                extra = control.residuals(x_in, t_in, both, control_inputs, extra)
+            extra: dict = {}
+            for control in controls:
+                extra = merge_residuals(extra, control(x_in, t_in, kwargs))
             out = unet(x_in, t_in, **kwargs, **extra).float()
             if uncond is None:
                 return out
@@ -297,8 +304,19 @@ class Pipeline:
 
         def make_denoiser(expert: Expert):
             cond, uncond = conds[expert.name]
-            control_inputs = {"image": control_image, "scale": controlnet_conditioning_scale}
-            return self.make_denoiser(expert.model, cond, uncond, guidance_scale, guidance_rescale, control_inputs,
+            stage: Stage = expert.model
+            controls = []
+            if stage.controls:
+                if control_image is None:
+                    raise ChorusError("This pipeline has a ControlNet: pass control_image (an edge map, layout, …).")
+                images = control_image if isinstance(control_image, (list, tuple)) else [control_image]
+                scales = controlnet_conditioning_scale if isinstance(controlnet_conditioning_scale, (list, tuple)) \
+                    else [controlnet_conditioning_scale] * len(stage.controls)
+                if len(images) != len(stage.controls):
+                    raise ChorusError(f"Got {len(images)} control images for {len(stage.controls)} ControlNets.")
+                controls = [ControlNetControl(cn, control_image_tensor(im, height, width, batch), s)
+                            for cn, im, s in zip(stage.controls, images, scales)]
+            return self.make_denoiser(stage, cond, uncond, guidance_scale, guidance_rescale, controls,
                                       sigmas, timesteps)
 
         knobs, per_step = {}, {}

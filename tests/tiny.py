@@ -106,3 +106,17 @@ def make_sdxl_folder(folder: Path, refiner: bool = False) -> Path:
                                          tokenizer_2=tok, unet=unet, scheduler=sched)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def make_controlnet_folder(folder: Path, sd_folder: Path, seed: int = 5) -> Path:
+    """A ControlNet copied from the tiny SD UNet, its zero convs re-initialised so it is not a no-op."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(str(sd_folder / "unet"))
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.normal_(0, 0.1)
+    cn.save_pretrained(str(folder))
+    return folder
