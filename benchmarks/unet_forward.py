@@ -4,8 +4,9 @@
     python benchmarks/unet_forward.py --configs tiny sd15     # adds SD 1.5 (64×64 latent, batch 2)
 
 Runs of the two models are interleaved (order alternating) after a warm-up, and the median is taken,
-so load from other processes hits both alike. Prints a markdown table; ratio = diffusers / Chorus
-(> 1 means Chorus is faster). Random weights: speed does not depend on their values.
+so load from other processes hits both alike. Prints a markdown table of wall-clock and process-CPU medians;
+ratio = diffusers / Chorus (> 1 means Chorus is faster). With --threads 1 on a shared machine the CPU-time
+ratio is the robust one. Random weights: speed does not depend on their values.
 """
 from __future__ import annotations
 
@@ -37,16 +38,29 @@ def build(config: dict):
     return ref, ours
 
 
+@contextlib.contextmanager
 def precision(mode: str):
-    if mode == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """fp32; bf16 = CPU autocast with Chorus's default policy (fp32 where the CPU lacks bf16 kernels);
+    bf16-forced = CPU autocast with that fallback off, i.e. bf16 kernels in both models."""
+    from chorus.models import layers
+
+    if mode == "fp32":
+        yield
+        return
+    saved = layers.CPU_AUTOCAST_FALLBACK
+    layers.CPU_AUTOCAST_FALLBACK = mode == "bf16"
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        layers.CPU_AUTOCAST_FALLBACK = saved
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench(name: str, modes: list[str], repeats: int) -> list[dict]:
@@ -67,17 +81,19 @@ def bench(name: str, modes: list[str], repeats: int) -> list[dict]:
                 order = [("diffusers", run_ref), ("chorus", run_ours)]
                 for who, fn in (order if r % 2 == 0 else order[::-1]):
                     times[who].append(timed(fn))
-        d, c = statistics.median(times["diffusers"]), statistics.median(times["chorus"])
+        d, c = (statistics.median(w for w, _ in times[k]) for k in ("diffusers", "chorus"))
+        d_cpu, c_cpu = (statistics.median(u for _, u in times[k]) for k in ("diffusers", "chorus"))
         rows.append(dict(config=name, mode=mode, shape=f"{batch}×4×{side}×{side}", diffusers=d, chorus=c,
-                         ratio=d / c, max_diff=diff, repeats=repeats))
-        print(f"  {name} {mode}: diffusers {d:.3f}s  chorus {c:.3f}s  ratio {d / c:.2f}", flush=True)
+                         diffusers_cpu=d_cpu, chorus_cpu=c_cpu, max_diff=diff, repeats=repeats))
+        print(f"  {name} {mode}: wall diffusers {d:.3f}s chorus {c:.3f}s ratio {d / c:.2f} | "
+              f"cpu diffusers {d_cpu:.3f}s chorus {c_cpu:.3f}s ratio {d_cpu / c_cpu:.2f}", flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["tiny"], choices=list(CONFIGS))
-    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "bf16-forced"])
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 10, --quick 3)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -85,13 +101,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 10)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats (median)")
+    from chorus.models.layers import cpu_has_bf16_kernels
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats (median), "
+          f"CPU bf16 kernels: {cpu_has_bf16_kernels()}")
     rows = [row for name in args.configs for row in bench(name, args.modes, repeats)]
-    print("\n| config | latent | precision | diffusers s | Chorus s | ratio (diffusers/Chorus) | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| config | latent | precision | diffusers wall s | Chorus wall s | ratio | diffusers CPU s | "
+          "Chorus CPU s | CPU ratio | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['shape']} | {r['mode']} | {r['diffusers']:.3f} | {r['chorus']:.3f} | "
-              f"{r['ratio']:.2f}× | {r['max_diff']:.1e} |")
+              f"{r['diffusers'] / r['chorus']:.2f}× | {r['diffusers_cpu']:.3f} | {r['chorus_cpu']:.3f} | "
+              f"{r['diffusers_cpu'] / r['chorus_cpu']:.2f}× | {r['max_diff']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -201,14 +201,18 @@ class Conditioner(nn.Module):
 
     def forward(self, inputs: dict[str, Sequence[Any]], dropout: bool = False,
                 generator: torch.Generator | None = None, dtype=None, device=None, text: bool = True) -> Conditioning:
-        """Embed a batch. With dropout=True each embedder's output is zeroed per item at its rate."""
+        """Embed a batch. With dropout=True each embedder's output is replaced, per item at its rate,
+        by its unconditional embedding — exactly what guidance uses at sampling time."""
         n = self._inputs(inputs)
         outputs = []
         for e in self._active(text):
             out = e(inputs[e.input_key])
             if dropout and e.dropout > 0:
-                keep = (torch.rand(n, generator=generator) >= e.dropout).float()
-                out = {k: v * keep.to(v.device).view(-1, *[1] * (v.dim() - 1)) for k, v in out.items()}
+                drop = torch.rand(n, generator=generator) < e.dropout
+                if drop.any():
+                    null = e.unconditional(inputs[e.input_key], None)
+                    out = {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.dim() - 1)), null[k].to(v), v)
+                           for k, v in out.items()}
             outputs.append(out)
         return self._route(outputs, dtype, device)
 

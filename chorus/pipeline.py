@@ -74,7 +74,7 @@ def load_text_embedder(folder: Path, encoder_dir: str, tokenizer_dir: str, class
     except (OSError, ValueError) as e:
         raise ChorusError(f"Could not load the text encoder in {folder / encoder_dir} ({str(e).splitlines()[0]}). "
                           "Chorus reads text encoders from safetensors only.") from None
-    return TextEmbedder(tokenizer, encoder.eval(), name=encoder_dir, **kwargs)
+    return TextEmbedder(tokenizer, encoder.float().eval(), name=encoder_dir, **kwargs)
 
 
 def load_stage(folder: Path, torch_dtype=None) -> tuple[Stage, Any]:
@@ -137,6 +137,8 @@ class Pipeline:
         `controlnet=` one ControlNet folder or a list of them (controls of the base UNet)."""
         from chorus.models import ControlNet
         folder = default_model_path() if str(folder) == "default" else Path(folder)
+        if torch_dtype is None:
+            torch_dtype = torch.float32  # on the CPU fp16 weights run far slower than fp32: upcast on load
         base, vae = load_stage(folder, torch_dtype)
         if controlnet is not None:
             paths = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]

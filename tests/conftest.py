@@ -5,7 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and oversubscribe a shared box)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,9 @@ class Fixed(Embedder):
         shape = (len(values), self.length, self.dim) if self.kind == "context" else (len(values), self.dim)
         return {self.kind: torch.full(shape, float(self.value))}
 
+    def unconditional(self, values, negative):
+        return {k: torch.full_like(v, -1.0) for k, v in self(values).items()}
+
 
 def test_sequences_concatenate_on_features_vectors_and_time_ids_route_apart():
     c = Conditioner([Fixed("context", 4, 1.0), Fixed("context", 2, 2.0), Fixed("pooled", 5, 3.0),
@@ -28,11 +31,12 @@ def test_sequences_concatenate_on_features_vectors_and_time_ids_route_apart():
     assert set(kw["added_cond_kwargs"]) == {"text_embeds", "time_ids"}
 
 
-def test_per_embedder_dropout_zeroes_only_that_embedder_at_its_rate():
+def test_per_embedder_dropout_uses_the_unconditional_embedding_of_only_that_embedder_at_its_rate():
     c = Conditioner([Fixed("context", 4, 1.0, dropout=0.5), Fixed("context", 4, 2.0, dropout=0.0)])
     out = c({"prompt": ["x"] * 4000}, dropout=True, generator=torch.Generator().manual_seed(0))
     first, second = out.context[:, 0, 0], out.context[:, 0, 4]
-    assert abs((first == 0).float().mean().item() - 0.5) < 0.03
+    assert set(first.unique().tolist()) == {-1.0, 1.0}
+    assert abs((first == -1).float().mean().item() - 0.5) < 0.03
     assert (second == 2.0).all()
 
 

@@ -109,6 +109,18 @@ def test_folders_both_ways(tmp_path):
     assert max_diff(b_down, r_down) < TOL and (b_mid - r_mid).abs().max().item() < TOL
 
 
+def test_hooks_see_the_controlnet_encoder():
+    _, _, _, ours = controlnet_pair(SD1)
+    args, cond = inputs(SD1), control_image()
+    with torch.no_grad():
+        down, mid = ours(timestep=2, controlnet_cond=cond, **args)
+        names = set()
+        with ours.hooks(lambda name, kind, t: names.add(name)):
+            h_down, h_mid = ours(timestep=2, controlnet_cond=cond, **args)
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2" in names and "down_blocks.1.resnets.0" in names
+    assert max_diff(h_down, down) < 1e-5 and (h_mid - mid).abs().max().item() < 1e-5
+
+
 def test_errors():
     _, unet = pair(SD1)
     controlnet = ControlNet.from_unet(unet, conditioning_embedding_out_channels=SMALL_COND)

@@ -136,6 +136,29 @@ def test_gradient_checkpointing_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_cpu_bf16_autocast(monkeypatch):
+    """Where the CPU lacks bf16 kernels, autocast runs the UNet in fp32; otherwise (or when told) in bf16."""
+    from chorus.models import layers
+
+    ref, ours = pair(SD1_SMALL)
+    args = inputs(SD1_SMALL)
+    fp32 = run_ours(ours, 10, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = run_ours(ours, 10, args)
+        monkeypatch.setattr(layers, "CPU_AUTOCAST_FALLBACK", False)
+        bf16, ref_bf16 = run_ours(ours, 10, args), run_ref(ref, 10, args)
+        masked = run_ours(ours, 10, args, encoder_attention_mask=torch.ones(2, 7))  # fp32 mask, bf16 queries
+        monkeypatch.setattr(layers, "CPU_AUTOCAST_FALLBACK", True)
+        bf16_inputs = run_ours(ours, 10, {k: v.bfloat16() for k, v in args.items()})  # e.g. a text encoder's output
+    if not layers.cpu_has_bf16_kernels():
+        assert torch.equal(auto, fp32)
+    assert (bf16_inputs.float() - fp32).abs().max().item() < 0.1
+    assert bf16.dtype == ref_bf16.dtype == torch.bfloat16
+    assert (bf16.float() - ref_bf16.float()).abs().max().item() < 0.05
+    assert (bf16.float() - fp32).abs().max().item() < 0.1
+    assert (masked.float() - bf16.float()).abs().max().item() < 0.05
+
+
 # --- hooks ----------------------------------------------------------------------------------------
 def test_identity_hook_and_logits_path_match_sdpa():
     _, ours = pair(SDXL)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chorus.errors import ChorusError
+from chorus.models.layers import without_slow_cpu_autocast
 from chorus.models.unet import (ENCODER_SUPPORTED, UNet, UNetEncoder, check_call_options, check_supported,
                                 context_bias, encoder_spec)
 
@@ -146,21 +147,27 @@ class ControlNet(UNetEncoder):
         """→ (residuals for each UNet skip, residual for the mid block), each multiplied by the scale."""
         check_call_options("ControlNet", timestep_cond, attention_mask, cross_attention_kwargs, class_labels,
                            return_dict)
+        return without_slow_cpu_autocast(self.residuals, self.dtype, sample, timestep, encoder_hidden_states,
+                                         controlnet_cond, conditioning_scale, added_cond_kwargs, guess_mode,
+                                         encoder_attention_mask)
+
+    def residuals(self, sample: Tensor, timestep, context: Tensor, cond: Tensor, scale: float,
+                  added_cond_kwargs, guess_mode: bool, context_mask: Tensor | None):
+        """h = conv_in(x) + E(c) → encoder → zero convs on every skip and on the mid-block output."""
         if self.config.controlnet_conditioning_channel_order == "bgr":
-            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+            cond = torch.flip(cond, dims=[1])
         emb = self.embed_time(sample, timestep, added_cond_kwargs)
-        mask = context_bias(encoder_attention_mask, sample.dtype)
+        mask = context_bias(context_mask, sample.dtype)
         h = self.conv_in(sample)
-        cond = self.controlnet_cond_embedding(controlnet_cond)
-        if cond.shape != h.shape:
-            raise ChorusError(f"The control image {tuple(controlnet_cond.shape)} embeds to {tuple(cond.shape)}, "
+        cond_features = self.controlnet_cond_embedding(cond)
+        if cond_features.shape != h.shape:
+            raise ChorusError(f"The control image {tuple(cond.shape)} embeds to {tuple(cond_features.shape)}, "
                               f"but the latent features are {tuple(h.shape)}: the control image must be "
                               f"{2 ** len(self.controlnet_cond_embedding.blocks[::2])}× the latent size.")
-        h, skips = self.encode(h + cond, emb, encoder_hidden_states, mask)
-        h = self.mid_block(h, emb, encoder_hidden_states, mask)
+        h, skips = self.encode(h + cond_features, emb, context, mask)
+        h = self.mid_block(h, emb, context, mask)
         down = [zero(s) for zero, s in zip(self.controlnet_down_blocks, skips)]
-        mid = self.controlnet_mid_block(h)
-        return self.scale_residuals(down, mid, conditioning_scale, guess_mode)
+        return self.scale_residuals(down, self.controlnet_mid_block(h), scale, guess_mode)
 
     def scale_residuals(self, down: list[Tensor], mid: Tensor, scale: float, guess_mode: bool):
         """r_k · scale; guess mode ramps the scale log-uniformly from 0.1 (first skip) to 1 (mid block)."""

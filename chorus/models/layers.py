@@ -9,6 +9,8 @@ When no hook is set a module pays one attribute check.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -60,6 +62,55 @@ class HooksMixin:
         return hooks(self, fn, names)
 
 
+@functools.cache
+def cpu_has_bf16_kernels() -> bool:
+    """Does oneDNN have native bf16 kernels on this CPU (AVX512-BF16 / AMX)?"""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def slow_cpu_autocast(x: Tensor) -> bool:
+    """Is bf16 CPU autocast on where the CPU has no bf16 kernels (its convs run 7-200x slower than fp32)?
+
+    Autocast permits lower precision for speed; on such CPUs fp32 is both faster and more accurate, so
+    Chorus's UNet and ControlNet run in fp32 there (`without_slow_cpu_autocast`).
+    Set `chorus.models.layers.CPU_AUTOCAST_FALLBACK = False` to keep bf16 regardless.
+    """
+    return (CPU_AUTOCAST_FALLBACK and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_has_bf16_kernels())
+
+
+def cast_floats(value, dtype: torch.dtype):
+    """Floating tensors, also inside tuples, lists and dicts, cast to `dtype`; anything else unchanged."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def without_slow_cpu_autocast(fn: Callable, dtype: torch.dtype, *args):
+    """fn(*args), in `dtype` with autocast off when `slow_cpu_autocast(args[0])` (inputs made under autocast
+    may be bf16, so floating inputs are cast to the weights' dtype); otherwise fn(*args) unchanged."""
+    if not slow_cpu_autocast(args[0]):
+        return fn(*args)
+    with torch.autocast("cpu", enabled=False):
+        return fn(*cast_floats(args, dtype))
+
+
+CPU_AUTOCAST_FALLBACK = True
+
+
+def add_(out: Tensor, other: Tensor) -> Tensor:
+    """out + other, in place on `out` (a fresh conv/linear output) when the dtypes agree."""
+    return out.add_(other) if out.dtype == other.dtype and out.shape == torch.broadcast_shapes(out.shape, other.shape) \
+        else out + other
+
+
 def group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
     """SiLU(GroupNorm(x)), with the activation applied in place on the fresh normalised tensor."""
     return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps), inplace=True)
@@ -84,10 +135,9 @@ class ResnetBlock2D(Hookable, nn.Module):
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         h = self.conv1(group_norm_silu(x, self.norm1))  # (B, C_out, H, W)
         if temb is not None and self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = add_(h, self.time_emb_proj(F.silu(temb))[:, :, None, None])
         h = self.conv2(self.dropout(group_norm_silu(h, self.norm2)))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = shortcut + h
+        out = add_(h, x if self.conv_shortcut is None else self.conv_shortcut(x))
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         if self.hook is not None:

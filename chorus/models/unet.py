@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from chorus.errors import ChorusError
 from chorus.models.attention import Transformer2D
 from chorus.models.io import ModelBase
-from chorus.models.layers import Downsample2D, HooksMixin, ResnetBlock2D, Upsample2D, group_norm_silu
+from chorus.models.layers import (Downsample2D, HooksMixin, ResnetBlock2D, Upsample2D, group_norm_silu,
+                                  without_slow_cpu_autocast)
 
 IntOrTuple = Any  # int | tuple[int, ...] (diffusers configs use both)
 
@@ -220,8 +221,8 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_s
 def batch_timesteps(timestep, batch: int, device: torch.device) -> Tensor:
     """An int, a float, a 0-d or a (B,) tensor → a (B,) tensor on `device`."""
     if not torch.is_tensor(timestep):
-        dtype = torch.float64 if isinstance(timestep, float) and device.type != "mps" else torch.int64
-        dtype = torch.float32 if isinstance(timestep, float) and device.type == "mps" else dtype
+        float_dtype = torch.float32 if device.type == "mps" else torch.float64
+        dtype = float_dtype if isinstance(timestep, float) else torch.int64
         timestep = torch.tensor([timestep], dtype=dtype, device=device)
     elif timestep.dim() == 0:
         timestep = timestep[None].to(device)
@@ -313,7 +314,7 @@ class MidBlock(Checkpointable, nn.Module):
 class UpBlock(Checkpointable, nn.Module):
     """CrossAttnUpBlock2D / UpBlock2D: [cat(x, skip) → resnet (→ transformer)] × (layers + 1), then ↑2."""
 
-    def __init__(self, spec: EncoderSpec, index: int, attention: bool, depth: tuple[int, ...], dropout: float):
+    def __init__(self, spec: EncoderSpec, index: int, attention: bool, depth: tuple[int, ...]):
         super().__init__()
         n = len(spec.channels)
         level = n - 1 - index  # the down level this up block mirrors
@@ -324,7 +325,8 @@ class UpBlock(Checkpointable, nn.Module):
         for i in range(layers):
             skip = below if i == layers - 1 else out
             x_in = prev if i == 0 else out
-            self.resnets.append(ResnetBlock2D(x_in + skip, out, spec.time_embed_dim, spec.groups, spec.eps, dropout))
+            self.resnets.append(ResnetBlock2D(x_in + skip, out, spec.time_embed_dim, spec.groups, spec.eps,
+                                              spec.dropout))
         self.attentions = nn.ModuleList(
             make_transformer(spec, level, out, depth[i]) for i in range(layers)) if attention else None
         self.upsamplers = None if index == n - 1 else nn.ModuleList([Upsample2D(out, use_conv=True, out_channels=out)])
@@ -451,7 +453,8 @@ class UNet(UNetEncoder):
         if unknown:
             raise ChorusError(f"UNet config up_block_types {unknown} are not supported (use {', '.join(UP_TYPES)}).")
         reverse = config.reverse_transformer_layers_per_block
-        nested = any(isinstance(d, (tuple, list)) for d in per_level(config.transformer_layers_per_block, n, "", ""))
+        depth_cfg = per_level(config.transformer_layers_per_block, n, "transformer_layers_per_block", "UNet")
+        nested = any(isinstance(d, (tuple, list)) for d in depth_cfg)
         if nested and reverse is None:
             raise ChorusError("UNet config: a per-layer transformer_layers_per_block needs "
                               "reverse_transformer_layers_per_block for the up blocks.")
@@ -461,7 +464,7 @@ class UNet(UNetEncoder):
                                                                                "layers_per_block", "UNet"))]
         else:
             depths = [(spec.depth[n - 1 - i][0],) * layers[i] for i in range(n)]
-        return [UpBlock(spec, i, UP_TYPES[t], depths[i], spec.dropout) for i, t in enumerate(config.up_block_types)]
+        return [UpBlock(spec, i, UP_TYPES[t], depths[i]) for i, t in enumerate(config.up_block_types)]
 
     def forward(self, sample: Tensor, timestep, encoder_hidden_states: Tensor,
                 added_cond_kwargs: Mapping[str, Tensor] | None = None,
@@ -471,17 +474,24 @@ class UNet(UNetEncoder):
                 encoder_attention_mask: Tensor | None = None) -> Tensor:
         """sample (B, C_in, H, W), t, context (B, L, D) → ε̂ (or v̂) (B, C_out, H, W)."""
         check_call_options("UNet", timestep_cond, attention_mask, cross_attention_kwargs, class_labels, return_dict)
+        return without_slow_cpu_autocast(self.denoise, self.dtype, sample, timestep, encoder_hidden_states,
+                                         added_cond_kwargs, down_block_additional_residuals,
+                                         mid_block_additional_residual, encoder_attention_mask)
+
+    def denoise(self, sample: Tensor, timestep, context: Tensor, added_cond_kwargs, down_residuals, mid_residual,
+                context_mask: Tensor | None) -> Tensor:
+        """embed t → encode (skips [+ control]) → mid [+ control] → decode → GN-SiLU-conv_out."""
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.embed_time(sample, timestep, added_cond_kwargs)
-        mask = context_bias(encoder_attention_mask, sample.dtype)
-        h, skips = self.encode(self.conv_in(sample), emb, encoder_hidden_states, mask)
-        if down_block_additional_residuals is not None:
-            skips = add_residuals(skips, down_block_additional_residuals)
-        h = self.mid_block(h, emb, encoder_hidden_states, mask)
-        if mid_block_additional_residual is not None:
-            h = h + mid_block_additional_residual
-        h = self.decode(h, skips, emb, encoder_hidden_states, mask, sample.shape[-2:])
+        mask = context_bias(context_mask, sample.dtype)
+        h, skips = self.encode(self.conv_in(sample), emb, context, mask)
+        if down_residuals is not None:
+            skips = add_residuals(skips, down_residuals)
+        h = self.mid_block(h, emb, context, mask)
+        if mid_residual is not None:
+            h = h + mid_residual
+        h = self.decode(h, skips, emb, context, mask, sample.shape[-2:])
         return self.conv_out(group_norm_silu(h, self.conv_norm_out))
 
     def decode(self, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor, mask: Tensor | None,

@@ -1,0 +1,154 @@
+"""`chorus train`: a thin layer over chorus.train (presets, a config file, and the flags that matter).
+
+    chorus train --preset tiny --out runs/tiny                 VAE → text encoder → UNet, minutes
+    chorus train --preset default --out runs/default           the shipped model's recipe
+    chorus train --part unet --base MODEL --data DIR --out runs/ft --steps 2000
+    chorus train --out runs/default --resume                   continue after an interruption (even kill -9)
+    torchrun --nproc_per_node 2 -m chorus train --preset tiny --part unet --base MODEL --out runs/ddp
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from chorus.errors import ChorusError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train the VAE, text encoder and UNet (a preset recipe or a config file)",
+        description="Train Chorus's models on the built-in Shapes world (or an image folder / WebDataset shards). "
+                    "A preset runs the whole recipe (VAE → text encoder → UNet) and writes OUT/model, a "
+                    "diffusers-format folder that `chorus generate --model OUT/model` loads. Checkpoints in "
+                    "OUT/checkpoints are model folders too; --resume continues exactly where a run stopped. "
+                    "Runs under torchrun / accelerate launch (DDP).")
+    p.add_argument("--preset", default=None, help="a preset recipe: tiny (minutes) or default (the shipped model)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a JSON config: a recipe {\"vae\": {...}, \"text\": {...}, \"unet\": {...}} or UNet fields")
+    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "all"],
+                   help="which part to train (default: all, or unet when --base is given)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps of the part trained (UNet for all)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--keep", type=int, default=None, help="keep the last K checkpoints")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from the newest checkpoint in --out (or from CKPT)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random draw (data, init, noise)")
+    p.add_argument("--data", default=None, help="image folder or WebDataset shards (default: the on-the-fly world)")
+    p.add_argument("--base", default=None, help="a pipeline folder giving the frozen VAE / text encoder / scheduler")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--sample-every", type=int, default=None, help="sample grid every N steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, default=None, help="benchmark score every N steps (0: off)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/logs)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.set_defaults(func=run_train)
+
+
+def resolve(args):
+    """(recipe, parts, out) from the flags: preset or config file, then the overrides."""
+    from chorus.train.config import RecipeConfig, UNetTrainConfig, load_config, override, preset
+    if args.preset and args.config:
+        raise ChorusError("Give either --preset or --config, not both (a config file can start from a preset's "
+                          "printout: chorus train --preset tiny --print-config > my.json).")
+    if args.config:
+        raw = _read_json(args.config)
+        if raw and set(raw) <= {"vae", "text", "unet"}:   # a recipe; anything else is a UNet config
+            recipe = load_config(RecipeConfig, raw, "recipe")
+        else:
+            recipe = RecipeConfig(unet=load_config(UNetTrainConfig, raw, "UNet training"))
+        name = Path(args.config).stem
+    else:
+        name = args.preset or "default"
+        recipe = preset(name)
+    unet = override(recipe.unet, steps=args.steps if _part(args, recipe) in ("unet", "all") else None,
+                    save_every=args.save_every, keep_last=args.keep, seed=args.seed, data=args.data,
+                    base=args.base, batch_size=args.batch_size, lr=args.lr, sample_every=args.sample_every,
+                    eval_every=args.eval_every)
+    recipe = dataclasses.replace(recipe, unet=unet)
+    part = _part(args, recipe)
+    for key, value in (("steps", args.steps if part in ("vae", "text") else None), ("seed", args.seed)):
+        if value is not None:
+            recipe.vae = {**recipe.vae, key: value} if part in ("vae", "all") else recipe.vae
+            recipe.text = {**recipe.text, key: value} if part in ("text", "all") else recipe.text
+    parts = ("vae", "text", "unet") if part == "all" else (part,)
+    out = Path(args.out) if args.out else _run_folder(args.resume) or Path(f"runs/{name}")
+    return recipe, parts, out
+
+
+def _run_folder(resume) -> Path | None:
+    """The run folder a `--resume PATH` points into (PATH itself, or the folder above checkpoints/)."""
+    if resume in (None, False, True):
+        return None
+    p = Path(resume)
+    return p.parent.parent if p.parent.name == "checkpoints" else p
+
+
+def _part(args, recipe) -> str:
+    if args.part:
+        return args.part
+    u = recipe.unet
+    return "unet" if (args.base or u.base or u.vae or u.text_encoder) else "all"
+
+
+def _read_json(path) -> dict:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChorusError(f"The config file {path} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise ChorusError(f"The config file {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(raw, dict):
+        raise ChorusError(f"The config file {path} must hold a JSON object.")
+    return raw
+
+
+def resumed_unet_config(args, out: Path):
+    """On --resume the checkpoint's own config is used; only bookkeeping flags may change."""
+    from chorus.train.checkpoint import latest_checkpoint, read_state
+    from chorus.train.config import UNetTrainConfig, load_config, override
+    where = out if args.resume is True else Path(args.resume)
+    state = read_state(latest_checkpoint(where))
+    cfg = load_config(UNetTrainConfig, state["config"], "checkpoint")
+    return override(cfg, steps=args.steps, save_every=args.save_every, keep_last=args.keep,
+                    sample_every=args.sample_every, eval_every=args.eval_every)
+
+
+def resume(args, recipe, parts, out: Path, progress: bool) -> Path:
+    """--resume: the UNet from its newest checkpoint (with the checkpoint's config), or else the recipe's
+    unfinished parts; a folder with neither is an error."""
+    from chorus.train.checkpoint import checkpoints, latest_checkpoint
+    from chorus.train.recipe import run_recipe
+    from chorus.train.unet import train_unet
+    where = out if args.resume is True else Path(args.resume)
+    if "unet" in parts and (args.resume is not True or checkpoints(where)):
+        latest_checkpoint(where)  # names the problem when `where` holds none
+        return train_unet(resumed_unet_config(args, out), out, progress=progress, resume=args.resume)
+    if not any((out / p).exists() for p in ("vae", "text")):
+        latest_checkpoint(where)  # raises: nothing to resume from
+    return run_recipe(recipe, out, parts, progress=progress, resume=True)
+
+
+def run_train(args) -> int:
+    import torch
+
+    from chorus.train.config import to_dict
+    from chorus.train.distributed import env_world
+    from chorus.train.recipe import run_recipe
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe, parts, out = resolve(args)
+    if args.print_config:
+        print(json.dumps({"vae": recipe.vae, "text": recipe.text, "unet": to_dict(recipe.unet)}, indent=2))
+        return 0
+    rank = env_world()[0]
+    progress = not args.no_progress and rank == 0
+    if args.resume:
+        result = resume(args, recipe, parts, out, progress)
+    else:
+        result = run_recipe(recipe, out, parts, progress=progress)
+    if rank == 0:
+        print(result)
+    return 0
