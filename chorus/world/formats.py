@@ -86,7 +86,20 @@ class _Staged:
 
 
 # ---- writers --------------------------------------------------------------------------------
-class FolderWriter:
+class _StagedWriter:
+    """A writer used as a context manager: committed on success, aborted (nothing left) on error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class FolderWriter(_StagedWriter):
     """Image folder + metadata.jsonl (imagefolder convention). Use as a context manager."""
 
     def __init__(self, out_dir: str | os.PathLike, conditions: bool = False, overwrite: bool = False,
@@ -121,17 +134,8 @@ class FolderWriter:
         self._meta.close()
         self.stage.abort()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class ShardWriter:
+class ShardWriter(_StagedWriter):
     """WebDataset tar shards of `samples_per_shard` samples each. Use as a context manager."""
 
     def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 10_000, conditions: bool = False,
@@ -175,15 +179,6 @@ class ShardWriter:
     def abort(self) -> None:
         self._close_tar()
         self.stage.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 # ---- loader statistics ----------------------------------------------------------------------
