@@ -280,32 +280,44 @@ def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
 
 
 class ImageTower(nn.Module):
-    """64x64 image -> embedding: strided convs to an 8x8 grid, attention pooling with learned positions."""
+    """64x64 image -> embedding: strided convs to an 8x8 grid, then a pooling that keeps where things are.
 
-    def __init__(self, width: int = 48, embed_dim: int = 128, image_size: int = 64, heads: int = 4):
+    pool="flatten": a 1x1 conv to 32 channels and one linear map of the whole grid (position-specific
+    weights, so "left of" is visible); pool="attention": one-query attention with learned positions.
+    """
+
+    def __init__(self, width: int = 48, embed_dim: int = 128, image_size: int = 64, heads: int = 4,
+                 pool: str = "flatten"):
         super().__init__()
-        w = width
+        if pool not in ("flatten", "attention"):
+            raise ChorusError(f"image_pool must be 'flatten' or 'attention', not {pool!r}.")
+        w, grid, self.mode = width, image_size // 8, pool
         self.convs = nn.Sequential(*_conv(3, w // 2, 2), *_conv(w // 2, w, 2), *_conv(w, w, 1),
                                    *_conv(w, 2 * w, 2), *_conv(2 * w, 2 * w, 1))
-        grid = image_size // 8
-        self.positions = nn.Parameter(torch.randn(grid * grid, 2 * w) * 0.02)
-        self.pool = nn.MultiheadAttention(2 * w, heads, batch_first=True)
-        self.proj = nn.Linear(2 * w, embed_dim)
+        if pool == "flatten":
+            self.squeeze = nn.Conv2d(2 * w, 32, 1)
+            self.proj = nn.Linear(32 * grid * grid, embed_dim)
+        else:
+            self.positions = nn.Parameter(torch.randn(grid * grid, 2 * w) * 0.02)
+            self.pool = nn.MultiheadAttention(2 * w, heads, batch_first=True)
+            self.proj = nn.Linear(2 * w, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, 64, 64) in [-1, 1] -> (B, embed_dim)."""
-        h = self.convs(x).flatten(2).transpose(1, 2) + self.positions  # (B, 64, 2w)
-        q = h.mean(1, keepdim=True)  # (B, 1, 2w)
-        pooled, _ = self.pool(q, h, h, need_weights=False)
+        h = self.convs(x)  # (B, 2w, 8, 8)
+        if self.mode == "flatten":
+            return self.proj(F.silu(self.squeeze(h)).flatten(1))
+        h = h.flatten(2).transpose(1, 2) + self.positions  # (B, 64, 2w)
+        pooled, _ = self.pool(h.mean(1, keepdim=True), h, h, need_weights=False)
         return self.proj(pooled[:, 0])
 
 
 class ContrastiveHeads(nn.Module):
     """What CLIP trains beside the text encoder: the image tower, projections and temperatures."""
 
-    def __init__(self, hidden: int, embed_dim: int, image_width: int, temperature: float):
+    def __init__(self, hidden: int, embed_dim: int, image_width: int, temperature: float, image_pool: str = "flatten"):
         super().__init__()
-        self.image = ImageTower(image_width, embed_dim)
+        self.image = ImageTower(image_width, embed_dim, pool=image_pool)
         self.text_proj = nn.Linear(hidden, embed_dim, bias=False)
         self.token_proj = nn.Linear(hidden, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((2,), math.log(1 / temperature)))
@@ -354,6 +366,7 @@ class TextTrainConfig:
     max_length: int = 32  # the tokenizer's model_max_length = the encoder's max_position_embeddings
     embed_dim: int = 128  # the shared CLIP space
     image_width: int = 48
+    image_pool: str = "flatten"  # "flatten" (position-aware linear map of the 8x8 grid) or "attention"
     steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
@@ -448,7 +461,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir, progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     tok = write_world_tokenizer(out / "tokenizer", cfg.max_length)
     encoder = CLIPTextModel(text_encoder_config(cfg, tok)).train()
-    heads = ContrastiveHeads(cfg.hidden_size, cfg.embed_dim, cfg.image_width, cfg.temperature).train()
+    heads = ContrastiveHeads(cfg.hidden_size, cfg.embed_dim, cfg.image_width, cfg.temperature, cfg.image_pool).train()
     params = [*encoder.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     pool = build_pool(cfg.natural_scenes, cfg.twin_pairs, cfg.data_seed)
