@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                    help="continue from the newest checkpoint in --out (or from CKPT)")
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw (data, init, noise)")
     p.add_argument("--data", default=None, help="image folder or WebDataset shards (default: the on-the-fly world)")
-    p.add_argument("--base", default=None, help="a pipeline folder giving the frozen VAE / text encoder / scheduler")
+    p.add_argument("--base", default=None, help="a pipeline folder giving the frozen VAE / text encoder / scheduler "
+                                               "('default': the shipped model)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--sample-every", type=int, default=None, help="sample grid every N steps (0: at the end)")

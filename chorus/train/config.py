@@ -92,6 +92,9 @@ class UNetTrainConfig:
             raise ChorusError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.epoch_size is not None and self.epoch_size < 1:
             raise ChorusError(f"epoch_size must be at least 1 (or null for an endless world), got {self.epoch_size}.")
+        if self.base == "default":  # `--base default`: the model that ships in weights/default
+            from chorus.pipeline import default_model_path
+            self.base = str(default_model_path())
         self.adam_betas = tuple(self.adam_betas)
         self.sample_prompts = tuple(self.sample_prompts)
 
@@ -196,7 +199,9 @@ def _presets() -> dict[str, RecipeConfig]:
         unet=UNetTrainConfig(unet=TINY_UNET, steps=300, batch_size=16, lr=2e-3, warmup_steps=20, epoch_size=2000,
                              save_every=100, keep_last=2, log_every=10, ema_decay=0.99, sample_every=0))
     default = RecipeConfig(
-        vae={}, text={},
+        # the parts shipped in weights/vae-world-f4 and weights/text-world (their *_train_config.json)
+        vae={"save_dtype": "float16"},
+        text={"steps": 1200, "save_dtype": "float16"},
         unet=UNetTrainConfig(unet=DEFAULT_UNET, steps=3000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200,
                              epoch_size=20_000, save_every=250, keep_last=3, log_every=10, ema_decay=0.999,
                              sample_every=500, eval_every=1000, eval_prompts=48, export_dtype="float16"))

@@ -31,7 +31,7 @@ from torch import nn
 
 from chorus.errors import ChorusError
 from chorus.models.io import atomic_write
-from chorus.models.vae import VAE, VAEConfig
+from chorus.models.vae import VAE
 
 SPLITS = ("train", "heldout_pairs", "heldout_words")
 

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="generation seed with --model (default 0)")
     p.add_argument("--batch-prompts", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--save-images", help="with --model: also save the images here ({index:05d}_{k}.png)")
+    p.add_argument("--grid", help="also save a PNG grid: the first image of a few prompts of each task, "
+                                  "captioned with the evaluator's verdict (OK / NO)")
+    p.add_argument("--grid-per-task", type=int, default=3, help="prompts per task in --grid (default 3)")
     p.add_argument("--fid", action="store_true",
                    help="also FID/KID against renders of the same specs, with the real-vs-real floor")
     p.add_argument("--evaluator", help="evaluator weights folder (default: the shipped weights)")
@@ -180,6 +183,8 @@ def eval_command(args) -> int:
         raise ChorusError("--limit must be at least 1.")
     if args.images_per_prompt < 1:
         raise ChorusError("--images-per-prompt must be at least 1.")
+    if args.grid and Path(args.grid).suffix.lower() != ".png":
+        raise ChorusError(f"--grid must name a .png file, got {args.grid}.")
     evaluator = Evaluator.load(args.evaluator)
     t0 = time.time()
     if args.images:
@@ -212,7 +217,27 @@ def eval_command(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**summary, "records": records}, indent=1) + "\n")
+    if args.grid:
+        verdict_grid(images, specs, records, args.grid, args.grid_per_task)
+        print(f"wrote the grid to {args.grid}")
     return 0
+
+
+def verdict_grid(images, specs: list[dict], records: list[dict], path, per_task: int = 3, cols: int = 6) -> None:
+    """A PNG of the first image of the first `per_task` prompts of each task, captioned 'OK'/'NO' + prompt."""
+    import numpy as np
+    from chorus.world.cli import _save_atomic, caption_grid
+    picked, seen, shown = [], {}, set()
+    for i, (spec, rec) in enumerate(zip(specs, records)):
+        key = spec.get("prompt")
+        if key in shown or seen.get(spec.get("tag"), 0) >= per_task:
+            continue
+        shown.add(key)
+        seen[spec.get("tag")] = seen.get(spec.get("tag"), 0) + 1
+        picked.append(i)
+    arrays = [np.asarray(images[i].convert("RGB") if hasattr(images[i], "convert") else images[i]) for i in picked]
+    captions = [f"{'OK' if records[i]['correct'] else 'NO'}  {specs[i].get('prompt', '')}" for i in picked]
+    _save_atomic(caption_grid(arrays, captions, cols=min(cols, len(arrays))), Path(path))
 
 
 def _hw(im) -> tuple[int, int]:

@@ -201,3 +201,17 @@ def test_minilm_pooled_matches_sentence_transformers(minilm):
     sentences = ["a photo of two green hearts", "an orb to the west of a lozenge"]
     ref = torch.from_numpy(model.encode(sentences, normalize_embeddings=True))
     torch.testing.assert_close(minilm(sentences)["pooled"], ref, atol=2e-5, rtol=1e-4)
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[2] / "weights" / "text-world"
+
+
+@pytest.mark.skipif(not (SHIPPED / "tokenizer").is_dir(), reason="no shipped world text encoder")
+def test_shipped_tokenizer_is_the_one_the_world_builds(tok_folder):
+    """The vocabulary in weights/ matches what write_world_tokenizer builds from the caption grammar today."""
+    for name in ("vocab.json", "merges.txt"):
+        assert (SHIPPED / "tokenizer" / name).read_text() == (tok_folder / name).read_text(), name
+    from transformers import CLIPTextModel
+    enc = CLIPTextModel.from_pretrained(str(SHIPPED / "text_encoder"), torch_dtype=torch.float32)
+    tok = tt.load_world_tokenizer(SHIPPED / "tokenizer")
+    assert enc.config.vocab_size == len(tok) and enc.config.max_position_embeddings == tok.model_max_length

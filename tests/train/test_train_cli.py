@@ -132,3 +132,29 @@ def test_tiny_preset_end_to_end(tmp_path):
                  "--out", str(tmp_path / "png")]) == 0
     from diffusers import StableDiffusionPipeline
     StableDiffusionPipeline.from_pretrained(str(out / "model"), safety_checker=None)
+
+
+def test_base_default_names_the_shipped_model(capsys):
+    from chorus.pipeline import default_model_path
+    assert train("--preset", "tiny", "--part", "unet", "--base", "default", "--print-config") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["unet"]["base"] == str(default_model_path())
+
+
+def test_default_preset_parts_are_the_shipped_parts():
+    """The default recipe's VAE and text-encoder configs are the ones weights/ records it was trained with
+    (the text encoder ran under a CPU budget that stopped it at step 1208; the preset says 1200 steps)."""
+    from pathlib import Path
+    vae_mod, text_mod = pytest.importorskip("chorus.train.vae"), pytest.importorskip("chorus.train.text")
+    weights = Path(__file__).resolve().parents[2] / "weights"
+    recipe = PRESETS["default"]
+    vae = to_dict(load_config(vae_mod.VAETrainConfig, recipe.vae))
+    shipped = json.loads((weights / "vae-world-f4" / "vae_train_config.json").read_text())
+    skip = {"threads", "save_dtype"}
+    assert {k: v for k, v in vae.items() if k not in skip} == {k: v for k, v in shipped.items() if k not in skip}
+    text = to_dict(load_config(text_mod.TextTrainConfig, recipe.text))
+    shipped = json.loads((weights / "text-world" / "text_train_config.json").read_text())
+    skip = {"threads", "steps", "cpu_budget_s"}
+    assert {k: text[k] for k in shipped if k not in skip} == {k: v for k, v in shipped.items() if k not in skip}
+    assert text["image_pool"] == "attention"  # its contrastive_heads.safetensors holds image.pool.* weights
+    assert text["steps"] == 1200 and text["save_dtype"] == "float16" and vae["save_dtype"] == "float16"

@@ -95,3 +95,18 @@ def test_bad_configs_and_nan_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(tv, "reconstruction_loss", lambda x, y, kind: torch.tensor(float("nan")))
     with pytest.raises(ChorusError, match="loss became nan at step 0"):
         tv.train_vae(tv.VAETrainConfig(**{**TINY, "steps": 2}), tmp_path / "nan", progress=False)
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[2] / "weights" / "vae-world-f4"
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped world VAE")
+def test_shipped_vae_reconstructs_heldout_world_images_above_30db():
+    vae = VAE.from_pretrained(SHIPPED, torch_dtype=torch.float32)
+    cfg = tv.VAETrainConfig()
+    images = tv.world_images(cfg.heldout_seed, 0, 24, 64, tv.SPLITS)  # seeds training never used
+    assert vae.downsampling_factor == 4
+    assert tv.heldout_psnr(vae, images)["all"] >= 30.0
+    with torch.no_grad():
+        z = vae.encode(images).mode() * vae.config.scaling_factor
+    assert 0.7 < float(z.std()) < 1.4  # scaled latents are about unit variance on world images

@@ -144,6 +144,29 @@ def test_eval_images_folder_json(tmp_path, capsys):
 
 
 @needs_weights
+def test_eval_grid_shows_each_task_with_its_verdict(tmp_path, monkeypatch):
+    specs = some_specs(2)
+    folder = render_folder(tmp_path / "imgs", specs)
+    shown = {}
+    import chorus.world.cli as world_cli
+    real = world_cli.caption_grid
+
+    def spy(arrays, captions, **kw):
+        shown["captions"] = captions
+        return real(arrays, captions, **kw)
+    monkeypatch.setattr(world_cli, "caption_grid", spy)
+    grid = tmp_path / "grid.png"
+    assert run(["eval", "--images", str(folder), "--grid", str(grid), "--grid-per-task", "1"]) == 0
+    assert Image.open(grid).size[0] > 64
+    caps = shown["captions"]
+    assert len(caps) == len(PLAN)  # one prompt of each task
+    assert [c.split("  ", 1)[1] for c in caps] == [s["prompt"] for s in specs[::2]]
+    assert sum(c.startswith("OK") for c in caps) >= len(PLAN) - 1  # renders of their own specs
+    with pytest.raises(ChorusError, match="png"):
+        run(["eval", "--images", str(folder), "--grid", str(tmp_path / "grid.jpg")])
+
+
+@needs_weights
 def test_eval_wrong_specs_score_low(tmp_path):
     """The same folder scored against another task's specs fails: the score depends on the spec."""
     specs = [s for s in load_specs() if s["tag"] == "counting"][:6]
