@@ -372,9 +372,10 @@ class Pipeline:
 
 def default_model_path() -> Path:
     """The model that ships with Chorus (`--model default`)."""
-    for root in (Path(__file__).resolve().parent / "weights", Path(__file__).resolve().parent.parent / "weights"):
-        if (root / "default" / "model_index.json").is_file():
-            return root / "default"
+    from chorus.paths import shipped_weights
+    folder = shipped_weights("default")
+    if (folder / "model_index.json").is_file():
+        return folder
     raise ChorusError("The default model is not installed (weights/default is missing); pass --model PATH "
                       "to a diffusers-format folder, or train one with `chorus train --preset default`.")
 

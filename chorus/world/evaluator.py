@@ -28,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chorus.errors import ChorusError
+from chorus.paths import shipped_weights
 from chorus.world.scoring import Detection
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "evaluator"
+DEFAULT_WEIGHTS = shipped_weights("evaluator")
 SIZE_UNIT = 16.0  # box sizes are regressed in units of 16 input pixels
 
 

@@ -1,0 +1,20 @@
+"""Where the weights that ship with Chorus live.
+
+In a checkout (and an editable install) they are the repository's `weights/` folder; a wheel installs
+that folder as the package `chorus.weights` (see pyproject.toml).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def shipped_weights(name: str) -> Path:
+    """The folder weights/<name> of the installed package or the checkout (the first that exists).
+
+    When neither exists the checkout's path is returned, so an error message can name where it belongs."""
+    for root in (PACKAGE_ROOT / "weights", PACKAGE_ROOT.parent / "weights"):
+        if (root / name).is_dir():
+            return root / name
+    return PACKAGE_ROOT.parent / "weights" / name
