@@ -48,6 +48,19 @@ def config_to_dict(config: Any, class_name: str) -> dict:
     return out
 
 
+def usual_permissions(path) -> None:
+    """Give a file the mode a plain open() would (0666 less the umask): mkstemp and safetensors' writer make 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_safetensors(tensors: dict, path) -> None:
+    """safetensors.torch.save_file with pt metadata, and the usual file permissions."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    usual_permissions(path)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a partial file."""
     path = Path(path)
@@ -56,9 +69,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; saved files get the usual permissions
+        usual_permissions(tmp)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -243,4 +254,4 @@ class ModelBase(nn.Module):
                  for k, v in self.state_dict().items()}
         text = json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_safetensors(state, p))

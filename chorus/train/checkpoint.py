@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from chorus.errors import ChorusError
+from chorus.models.io import save_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 PART_NAMES = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -39,7 +40,7 @@ FORMAT_VERSION = 1
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """The one place tensors reach the disk (safetensors); tests replace it to simulate a full disk."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
 def write_json(data: Any, path: Path) -> None:

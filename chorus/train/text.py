@@ -531,14 +531,13 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def save_text_encoder(encoder, heads: ContrastiveHeads, out: Path, dtype: torch.dtype = torch.float16) -> None:
     """out/text_encoder (CLIPTextModel, safetensors) and out/contrastive_heads.safetensors, each written atomically."""
     import copy
-    from safetensors.torch import save_file
-    from chorus.models.io import atomic_write
+    from chorus.models.io import atomic_write, save_safetensors
     tmp = out / f".text_encoder.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     copy.deepcopy(encoder).to(dtype).eval().save_pretrained(str(tmp), safe_serialization=True)
     _replace_dir(tmp, out / "text_encoder")
     state = {k: v.detach().to(dtype).contiguous() for k, v in heads.state_dict().items()}
-    atomic_write(out / "contrastive_heads.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / "contrastive_heads.safetensors", lambda p: save_safetensors(state, p))
 
 
 # --- evaluation -----------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance:
     for i in tqdm(range(0, len(specs), batch_prompts), desc="generate"):
         prompts = [s.get("prompt", "") for s in specs[i:i + batch_prompts]]
         out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i,
-                   num_images_per_prompt=k)
+                   num_images_per_prompt=k, progress=False)
         if len(out.images) != len(prompts) * k:
             raise ChorusError(f"The pipeline returned {len(out.images)} images for {len(prompts)} prompts × {k}.")
         images += list(out.images)

@@ -366,11 +366,11 @@ class Evaluator:
 
     def save(self, path: str | Path) -> None:
         """Write config.json + fp16 model.safetensors (BatchNorm counters stay int64)."""
-        from safetensors.torch import save_file
+        from chorus.models.io import save_safetensors
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors"))
+        save_safetensors(state, folder / "model.safetensors")
         (folder / "config.json").write_text(self.config.to_json() + "\n")
 
     def _batches(self, images, batch_size: int):

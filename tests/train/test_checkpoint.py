@@ -131,3 +131,20 @@ def test_resume_refuses_changed_mathematics(sd_folder, tmp_path):
     train_unet(tiny_config(sd_folder, steps=2), tmp_path, progress=False)
     with pytest.raises(ChorusError, match="lr"):
         train_unet(tiny_config(sd_folder, steps=4, lr=5e-3), tmp_path, progress=False, resume=True)
+
+
+def test_saved_weights_get_the_usual_permissions(tmp_path):
+    """safetensors' writer (and mkstemp) make 0600 files; saved weights follow the umask like any file."""
+    import os
+    import stat
+    from chorus.models.io import atomic_write, save_safetensors
+    from chorus.train.checkpoint import write_tensors
+    old = os.umask(0o022)
+    try:
+        write_tensors({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "s.safetensors")
+        atomic_write(tmp_path / "t.safetensors", lambda p: save_safetensors({"a": torch.ones(1)}, p))
+    finally:
+        os.umask(old)
+    for name in ("w", "s", "t"):
+        assert stat.S_IMODE((tmp_path / f"{name}.safetensors").stat().st_mode) == 0o644, name

@@ -220,7 +220,7 @@ class RenderingPipeline:
         specs = load_specs()
         return cls({s["prompt"]: s for s in specs})
 
-    def __call__(self, prompt, num_inference_steps, guidance_scale, seed, num_images_per_prompt):
+    def __call__(self, prompt, num_inference_steps, guidance_scale, seed, num_images_per_prompt, progress=True):
         type(self).calls.append((list(prompt), num_inference_steps, guidance_scale, seed, num_images_per_prompt))
         images = [Image.fromarray(render_spec(self.by_prompt[p], seed=SEED + seed * 10 + k).image)
                   for p in prompt for k in range(num_images_per_prompt)]
