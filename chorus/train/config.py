@@ -205,7 +205,16 @@ def _presets() -> dict[str, RecipeConfig]:
         unet=UNetTrainConfig(unet=DEFAULT_UNET, steps=3000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200,
                              epoch_size=20_000, save_every=250, keep_last=3, log_every=10, ema_decay=0.999,
                              sample_every=500, eval_every=1000, eval_prompts=48, export_dtype="float16"))
-    return {"tiny": tiny, "default": default}
+    # The shipped model's second stage: the ε-prediction UNet above never learnt the latents' large
+    # per-channel means (its samples drifted off the world), so it is fine-tuned to v-prediction, whose
+    # target at high noise is ≈ −z₀ itself. Base: the first stage's output folder.
+    default_v = RecipeConfig(
+        vae={}, text={},
+        unet=UNetTrainConfig(base="runs/default/model", init_from_base=True, prediction_type="v_prediction",
+                             steps=1100, batch_size=64, lr=3e-4, min_lr=1e-5, warmup_steps=50, epoch_size=20_000,
+                             ema_decay=0.995, save_every=100, keep_last=3, log_every=10, sample_every=500,
+                             eval_every=0, eval_prompts=48, export_dtype="float16"))
+    return {"tiny": tiny, "default": default, "default-v": default_v}
 
 
 PRESETS = _presets()
