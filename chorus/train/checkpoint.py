@@ -43,6 +43,17 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final` by renames; an existing `final` is swapped out, then removed."""
+    if final.exists():
+        trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def write_json(data: Any, path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(data, indent=2) + "\n")
@@ -184,13 +195,7 @@ def save_checkpoint(out: Path, step: int, parts: Path, ema_unet, raw_unet, optim
         write_tensors(rng_tensors(rng_states), trainer / "rng.safetensors")
         write_json({"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, "ema": ema_unet is not None,
                     **state}, trainer / "state.json")
-        if final.exists():  # the same step saved again (e.g. after a resume): swap it out
-            trash = root / f".trash-{final.name}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_folder(tmp, final)  # the same step saved again (e.g. after a resume) is swapped out
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = checkpoints(out)
@@ -263,13 +268,7 @@ def export_model(parts: Path, unet, out: Path, dtype: torch.dtype | None = None)
         else:
             _convert_parts(parts, tmp, dtype)
         write_unet(unet, tmp / "unet", dtype)
-        if out.exists():
-            trash = out.parent / f".trash-{out.name}-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ChorusError(f"Could not write the model folder {out}: {e.strerror or e}. The checkpoints are "

@@ -50,12 +50,12 @@ def register(subparsers) -> None:
 
 def resolve(args):
     """(recipe, parts, out) from the flags: preset or config file, then the overrides."""
-    from chorus.train.config import RecipeConfig, UNetTrainConfig, load_config, override, preset
+    from chorus.train.config import RecipeConfig, UNetTrainConfig, load_config, override, preset, read_config_file
     if args.preset and args.config:
         raise ChorusError("Give either --preset or --config, not both (a config file can start from a preset's "
                           "printout: chorus train --preset tiny --print-config > my.json).")
     if args.config:
-        raw = _read_json(args.config)
+        raw = read_config_file(args.config)
         if raw and set(raw) <= {"vae", "text", "unet"}:   # a recipe; anything else is a UNet config
             recipe = load_config(RecipeConfig, raw, "recipe")
         else:
@@ -92,18 +92,6 @@ def _part(args, recipe) -> str:
         return args.part
     u = recipe.unet
     return "unet" if (args.base or u.base or u.vae or u.text_encoder) else "all"
-
-
-def _read_json(path) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChorusError(f"The config file {path} does not exist.") from None
-    except json.JSONDecodeError as e:
-        raise ChorusError(f"The config file {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    if not isinstance(raw, dict):
-        raise ChorusError(f"The config file {path} must hold a JSON object.")
-    return raw
 
 
 def resumed_unet_config(args, out: Path):

@@ -123,19 +123,25 @@ def _choice(name: str, value, choices) -> None:
 
 # --- JSON I/O ----------------------------------------------------------------------------------------
 
+def read_config_file(path: str | Path) -> dict:
+    """The JSON object of fields in a config file; a missing file or bad JSON raises ChorusError."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChorusError(f"The config file {path} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise ChorusError(f"The config file {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(raw, dict):
+        raise ChorusError(f"The config file {path} must hold a JSON object of fields.")
+    return raw
+
+
 def load_config(cls: type, source: Mapping[str, Any] | str | Path, what: str | None = None):
     """A dataclass from a dict or a JSON file; unknown fields raise ChorusError naming the valid ones."""
     what = what or cls.__name__
     if not isinstance(source, Mapping):
-        path = Path(source)
-        try:
-            source = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ChorusError(f"The config file {path} does not exist.") from None
-        except json.JSONDecodeError as e:
-            raise ChorusError(f"The config file {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-        if not isinstance(source, Mapping):
-            raise ChorusError(f"The config file {path} must hold a JSON object of fields.")
+        source = read_config_file(source)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {k: v for k, v in source.items() if not k.startswith("_")}
     unknown = sorted(set(values) - set(fields))
