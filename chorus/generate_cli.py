@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (0)")
     p.add_argument("--n", type=int, default=4, help="number of images (4)")
     p.add_argument("--size", default=None, help="HxW in pixels (the model's default size)")
+    p.add_argument("--original-size", default=None, metavar="HxW",
+                   help="SDXL micro-conditioning: the original size to condition on (default: the output size)")
+    p.add_argument("--crop", default=None, metavar="TOP,LEFT",
+                   help="SDXL micro-conditioning: the crop corner to condition on (default 0,0)")
     p.add_argument("--out", default="outputs", help="output folder (outputs/)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="re-create the image FILE from its settings")
     p.add_argument("--list-samplers", action="store_true", help="list the samplers and exit")
@@ -65,6 +69,14 @@ def read_png_settings(path: str) -> dict:
     return json.loads(text["chorus"])
 
 
+def parse_pair(text, flag: str, sep: str, form: str) -> tuple[int, int]:
+    """Two non-negative integers 'AxB' / 'A,B' (a micro-conditioning size or crop corner)."""
+    parts = str(text).lower().replace(" ", "").split(sep)
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ChorusError(f"{flag} must be two non-negative integers as {form}; got {text!r}.")
+    return int(parts[0]), int(parts[1])
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "image"
 
@@ -93,7 +105,7 @@ def run_generate(args) -> int:
         return 0
     settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
                 "guidance": 5.0, "size": None, "model": "default", "refiner": None, "controlnet": None,
-                "control_image": None, "control_scale": 1.0}
+                "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None}
     n = args.n
     if args.from_png:
         settings.update(read_png_settings(args.from_png))
@@ -102,7 +114,8 @@ def run_generate(args) -> int:
                        ("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance),
                        ("size", args.size), ("model", args.model), ("refiner", args.refiner),
                        ("controlnet", args.controlnet), ("control_image", args.control_image),
-                       ("control_scale", args.control_scale)):
+                       ("control_scale", args.control_scale), ("original_size", args.original_size),
+                       ("crop", args.crop)):
         if value is not None:
             settings[key] = value
     if not settings["prompt"]:
@@ -111,6 +124,9 @@ def run_generate(args) -> int:
         raise ChorusError(f"--n must be at least 1, got {n}.")
     samplers.get_sampler(settings["sampler"])  # fail before loading the model
     size = parse_size(str(settings["size"])) if settings["size"] else None
+    original = parse_pair(settings["original_size"], "--original-size", "x", "HxW, e.g. 64x64") \
+        if settings["original_size"] else None
+    crop = parse_pair(settings["crop"], "--crop", ",", "TOP,LEFT, e.g. 0,0") if settings["crop"] else None
 
     import torch
     from chorus.pipeline import Pipeline
@@ -134,7 +150,8 @@ def run_generate(args) -> int:
         out = pipe(settings["prompt"], negative_prompt=settings["negative"], num_inference_steps=int(settings["steps"]),
                    guidance_scale=float(settings["guidance"]), height=h, width=w,
                    generator=torch.Generator("cpu").manual_seed(seed + i), sampler=settings["sampler"],
-                   control_image=control, controlnet_conditioning_scale=float(settings["control_scale"]))
+                   control_image=control, controlnet_conditioning_scale=float(settings["control_scale"]),
+                   original_size=original, crop_top_left=crop)
         for note in out.notes if i == 0 else ():
             print(f"note: {note}", file=sys.stderr)
         image = out.images[0]
@@ -196,6 +213,13 @@ def run_info(args) -> int:
     if (root / "model_index.json").is_file():
         index = read_json(root / "model_index.json")
         print(f"  pipeline: {index.get('_class_name', '?')}")
+        from chorus.conditioning import read_conditioner_spec
+        spec = read_conditioner_spec(root)
+        if spec is not None:
+            names = ", ".join(f"{e['name']} (dropout {e['dropout']:g})" for e in spec)
+            print(f"  conditioner: {names} — from conditioner.json; diffusers' pipelines cannot express this "
+                  "ensemble, so only Chorus loads the folder whole (its unet/, vae/ and text_encoder/ load in "
+                  "diffusers one by one)")
     total = 0
     for comp in components:
         cfg_path = next((comp / n for n in ("config.json", "scheduler_config.json") if (comp / n).is_file()), None)

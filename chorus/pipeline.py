@@ -26,7 +26,8 @@ from PIL import Image
 
 from chorus import samplers as S
 from chorus.controls import ControlNetControl, control_image_tensor, merge_residuals
-from chorus.conditioning import Conditioner, Conditioning, NumberEmbedder, TextEmbedder
+from chorus.conditioning import (Conditioner, Conditioning, NumberEmbedder, TextEmbedder, build_embedders,
+                                 check_widths, read_conditioner_spec)
 from chorus.errors import ChorusError
 from chorus.experts import Expert, ExpertEnsemble
 from chorus.models.io import read_json
@@ -92,6 +93,13 @@ def load_stage(folder: Path, torch_dtype=None) -> tuple[Stage, Any]:
     vae = VAE.from_pretrained(folder / "vae", torch_dtype=torch_dtype)
     sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
     schedule = NoiseSchedule.from_config(sched_cfg)
+    spec = read_conditioner_spec(folder)
+    if spec is not None:  # a conditioner diffusers cannot express: the folder lists its embedders
+        embedders = build_embedders(folder, spec, load_text_embedder)
+        check_widths(spec, folder, unet.config)
+        stage = Stage(unet, Conditioner(embedders), schedule, sched_cfg.get("prediction_type", "epsilon"))
+        stage.scheduler_config = sched_cfg
+        return stage, vae
     embedders: list = []
     has1, has2 = "text_encoder" in index and index["text_encoder"][0], "text_encoder_2" in index and index["text_encoder_2"][0]
     sdxl = unet.config.addition_embed_type == "text_time"
@@ -200,9 +208,9 @@ class Pipeline:
                     uncond.context = negative_prompt_embeds.to(device, dtype)
                     uncond.pooled = _opt(negative_pooled_prompt_embeds, device, dtype)
                 elif prompt_embeds is not None and negative is None:
-                    uncond = stage.conditioner.unconditional(inputs, None, dtype=dtype, device=device, text=False)
-                    uncond.context = torch.zeros_like(cond.context)
-                    uncond.pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
+                    # as diffusers: the empty prompt encoded (SD 1.x/2.x), zeros where the model says so (SDXL's
+                    # force_zeros_for_empty_prompt) — the embedders' own unconditional branch
+                    uncond = stage.conditioner.unconditional(inputs, None, dtype=dtype, device=device)
                 else:
                     uncond = stage.conditioner.unconditional(inputs, negative, dtype=dtype, device=device)
         rep = lambda t: t.repeat_interleave(n_per_prompt, 0)  # noqa: E731
@@ -240,7 +248,8 @@ class Pipeline:
                  negative_pooled_prompt_embeds=None, sampler: str = "dpmpp_2m", timestep_spacing: str | None = None,
                  karras: bool | None = None, eta: float = 0.0, image=None, strength: float = 1.0,
                  denoising_start: float | None = None, denoising_end: float | None = None,
-                 original_size=None, crop_top_left=(0, 0), target_size=None, aesthetic_score: float = 6.0,
+                 original_size=None, crop_top_left=None, target_size=None, crops_coords_top_left=None,
+                 aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, control_image=None, controlnet_conditioning_scale: float = 1.0,
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True) -> PipelineOutput:
         """Generate images; argument names follow diffusers' StableDiffusion(XL)Pipeline."""
@@ -258,6 +267,10 @@ class Pipeline:
         batch = len(prompts) * num_images_per_prompt
         guidance = guidance_scale > 1.0
         size = (height, width)
+        if crop_top_left is not None and crops_coords_top_left is not None and \
+                tuple(crop_top_left) != tuple(crops_coords_top_left):
+            raise ChorusError("Give crops_coords_top_left (diffusers' name) or crop_top_left, not two different values.")
+        crop_top_left = crop_top_left if crop_top_left is not None else (crops_coords_top_left or (0, 0))
         micro = {"original_size": [tuple(original_size or size)] * len(prompts),
                  "crop_top_left": [tuple(crop_top_left)] * len(prompts),
                  "target_size": [tuple(target_size or size)] * len(prompts),

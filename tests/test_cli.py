@@ -43,6 +43,10 @@ def test_generate_never_overwrites(sd_folder, tmp_path):
     (["--guidance", "inf"], "finite"),
     (["--sampler", "warp"], "euler"),
     (["--size", "big"], "HxW"),
+    (["--original-size", "64"], "--original-size"),
+    (["--original-size=-4x64"], "non-negative"),
+    (["--crop", "1,2,3"], "--crop"),
+    (["--crop", "a,b"], "TOP,LEFT"),
 ])
 def test_bad_input_exits_2_with_one_paragraph_and_no_file(sd_folder, tmp_path, capsys, args, match):
     out = tmp_path / "o"

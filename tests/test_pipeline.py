@@ -164,3 +164,24 @@ def test_img2img_strength_matches_diffusers(sd_folder):
     ours = Pipeline.from_pretrained(sd_folder)(image=init, sampler="euler", seed=2, height=32, width=32,
                                               output_type="latent", progress=False, **kw).latents
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_embeds_without_negatives_encode_the_empty_prompt_as_diffusers(sd_folder):
+    """SD 1.x: with prompt_embeds and no negative, the unconditional branch is the encoded "" (diffusers'
+    encode_prompt), not zeros — so passing a prompt's own embeddings equals passing the prompt."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_folder))
+    pipe.set_progress_bar_config(disable=True)
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0]
+    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9))
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, height=32, width=32)
+    ref = pipe(prompt_embeds=emb, latents=lat.clone(), output_type="latent", **kw).images
+    ours = Pipeline.from_pretrained(sd_folder)
+    got = ours(prompt_embeds=emb, latents=lat.clone(), sampler="euler", output_type="latent", progress=False, **kw).latents
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    by_prompt = ours("a red circle", latents=lat.clone(), sampler="euler", output_type="latent", progress=False,
+                     **kw).latents
+    torch.testing.assert_close(got, by_prompt, atol=1e-5, rtol=1e-5)

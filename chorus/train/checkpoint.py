@@ -109,6 +109,8 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
 def link_parts(parts: Path, folder: Path) -> None:
     """model_index.json and the frozen components from the parts folder."""
     shutil.copy2(parts / "model_index.json", folder / "model_index.json")
+    if (parts / "conditioner.json").is_file():   # a conditioner only Chorus expresses (chorus.conditioning)
+        shutil.copy2(parts / "conditioner.json", folder / "conditioner.json")
     for name in PART_NAMES:
         if (parts / name).is_dir():
             link_or_copy_tree(parts / name, folder / name)

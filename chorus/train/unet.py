@@ -18,61 +18,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
-import math
-import os
-import shutil
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from chorus.conditioning import Conditioner, Conditioning, TextEmbedder
 from chorus.errors import ChorusError
 from chorus.schedule import NoiseSchedule, diffusion_loss
 from chorus.train import checkpoint as ckpt
 from chorus.train import distributed as D
-from chorus.train.config import UNetTrainConfig, load_config, save_config, to_dict
-from chorus.train.data import Stream, conditioner_inputs, mix_seed, open_source, pixels
+from chorus.train.conditioning import TrainingConditioner, text_storage_dtype
+from chorus.train.config import UNetTrainConfig, load_config, save_config
+from chorus.train.core import (NonFiniteLoss, RunLog, StepDraws, Trainer, apply_update, ema_decay_at,  # noqa: F401
+                               ema_update, lr_at, make_optimizer, step_draws, timestep_range, training_noise)
+from chorus.train.data import Stream, conditioner_inputs, open_source, pixels
+from chorus.train.parts import (DEFAULT_SCHEDULE, absolute_paths, check_embedders,  # noqa: F401
+                                complete_unet_config, prepare_parts)
 
-# the scheduler of a fresh model when no base folder gives one: Stable Diffusion's
-DEFAULT_SCHEDULE = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-                    "beta_end": 0.012, "beta_schedule": "scaled_linear", "timestep_spacing": "leading",
-                    "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
 # config fields that change the mathematics of a run: a resume must keep them
 RESUME_FIXED = ("base", "vae", "text_encoder", "unet", "init_from_base", "prediction_type", "schedule", "data",
-                "resolution", "data_seed", "world_crop", "epoch_size", "min_snr_gamma", "offset_noise",
+                "resolution", "data_seed", "world_crop", "native_min", "descriptive_captions", "timestep_interval",
+                "embedders", "epoch_size", "min_snr_gamma", "offset_noise",
                 "text_dropout", "micro_dropout", "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps",
                 "min_lr", "weight_decay", "adam_betas", "adam_eps", "grad_clip", "ema_decay", "mixed_precision", "seed")
-
-
-# --- the learning-rate schedule ----------------------------------------------------------------------
-
-def lr_at(step: int, cfg: UNetTrainConfig) -> float:
-    """Linear warm-up to lr, then constant or cosine: lr_min + ½(lr − lr_min)(1 + cos(π·progress))."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def ema_decay_at(updates: int, decay: float) -> float:
-    """β_n = min(β, (1 + n)/(10 + n)): a short memory early on, so the EMA is not stuck at the init."""
-    return min(decay, (1 + updates) / (10 + updates))
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """θ_EMA ← β θ_EMA + (1 − β) θ."""
-    e = [p for p in ema.parameters()]
-    m = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e, m, 1.0 - decay)
 
 
 # --- the two halves of a step (also what benchmarks/train_step.py times) ---------------------------
@@ -89,258 +57,48 @@ def backward_loss(model, schedule: NoiseSchedule, z0: torch.Tensor, t: torch.Ten
     return loss.detach()
 
 
-def apply_update(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: torch.nn.Module | None,
-                 decay: float) -> None:
-    """θ ← AdamW(θ, ∇); grads cleared; θ_EMA ← β θ_EMA + (1 − β) θ."""
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
-        ema_update(ema, unet, decay)
-
-
-def make_optimizer(unet: torch.nn.Module, cfg: UNetTrainConfig) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel (one pass over all parameters) where torch has it for the device."""
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    try:
-        return torch.optim.AdamW(unet.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(unet.parameters(), **kwargs)
-
-
-# --- random draws of one step ------------------------------------------------------------------------
-
-@dataclass
-class StepDraws:
-    """Everything random in one optimiser step, for the whole global batch (B items)."""
-
-    t: torch.Tensor        # (B,) int64 timesteps
-    noise: torch.Tensor    # (B, C, h, w)
-    offset: torch.Tensor   # (B, C)
-    keep: torch.Tensor     # (n_embedders, B) bool: embedder k conditions item i
-
-
-def step_draws(seed: int, step: int, batch: int, latent_shape: tuple[int, int, int], num_train_timesteps: int,
-               dropout: list[float]) -> StepDraws:
-    g = torch.Generator().manual_seed(mix_seed(seed, step, 0x7EA1))
-    t = torch.randint(0, num_train_timesteps, (batch,), generator=g)
-    noise = torch.randn((batch, *latent_shape), generator=g)
-    offset = torch.randn((batch, latent_shape[0]), generator=g)
-    u = torch.rand((len(dropout), batch), generator=g)
-    keep = u >= torch.tensor(dropout, dtype=torch.float32)[:, None]
-    return StepDraws(t, noise, offset, keep)
-
-
-def training_noise(draws: StepDraws, items: slice, offset: float) -> torch.Tensor:
-    """ε + offset · η with η ~ N(0, 1) per (item, channel), constant over pixels (offset noise)."""
-    noise = draws.noise[items]
-    if offset:
-        noise = noise + offset * draws.offset[items][:, :, None, None]
-    return noise
-
-
-# --- conditioning with per-embedder dropout and a caption cache --------------------------------------
-
-class TrainingConditioner:
-    """The pipeline's conditioner, as training uses it: dropout per embedder, and cached text embeddings.
-
-    A dropped text embedder gives its unconditional embedding (the empty prompt, or zeros for
-    SDXL-style `zero_for_empty`), exactly the branch classifier-free guidance evaluates at sampling
-    time; a dropped micro-conditioning embedder gives zeros (sgm's rule). Text embeddings are stored
-    in `dtype` (bf16 under bf16 autocast, where the UNet's projections round them to bf16 anyway).
-    """
-
-    def __init__(self, conditioner: Conditioner, cfg: UNetTrainConfig, dtype: torch.dtype, device):
-        self.conditioner, self.dtype, self.device = conditioner, dtype, device
-        self.cache_text, self.budget = cfg.cache_text, cfg.text_cache_mb * 2 ** 20
-        self.rates = [cfg.text_dropout if isinstance(e, TextEmbedder) else cfg.micro_dropout
-                      for e in conditioner.embedders]
-        self.cache: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in conditioner.embedders]
-        self.uncond: list[dict[str, torch.Tensor] | None] = [None for _ in conditioner.embedders]
-        self.bytes = 0
-        for e in conditioner.embedders:
-            e.requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def _text(self, k: int, e: TextEmbedder, prompts: list[str]) -> dict[str, torch.Tensor]:
-        cache = self.cache[k]
-        todo = sorted({p for p in prompts if p not in cache}) if self.cache_text else list(dict.fromkeys(prompts))
-        fresh = {}
-        if todo:
-            out = e(todo)
-            e.notes = []
-            for i, p in enumerate(todo):
-                fresh[p] = {kind: v[i].to("cpu", self.dtype) for kind, v in out.items()}
-                if self.cache_text and self.bytes < self.budget:
-                    cache[p] = fresh[p]
-                    self.bytes += sum(v.numel() * v.element_size() for v in fresh[p].values())
-        rows = [cache.get(p) or fresh[p] for p in prompts]
-        return {kind: torch.stack([r[kind] for r in rows]) for kind in rows[0]}
-
-    @torch.no_grad()
-    def _unconditional(self, k: int, e, n: int) -> dict[str, torch.Tensor]:
-        if self.uncond[k] is None:
-            out = e.unconditional([""], None)
-            self.uncond[k] = {kind: v[0].to("cpu", self.dtype) for kind, v in out.items()}
-        return {kind: v.expand(n, *v.shape) for kind, v in self.uncond[k].items()}
-
-    def __call__(self, inputs: dict[str, list], keep: torch.Tensor) -> Conditioning:
-        """keep: (n_embedders, b) bool for this micro-batch."""
-        outputs = []
-        for k, e in enumerate(self.conditioner.embedders):
-            values = inputs[e.input_key]
-            if isinstance(e, TextEmbedder):
-                out = self._text(k, e, values)
-                alt = self._unconditional(k, e, len(values)) if self.rates[k] > 0 else None
-            else:
-                out = {kind: v.float() for kind, v in e(values).items()}
-                alt = {kind: torch.zeros_like(v) for kind, v in out.items()} if self.rates[k] > 0 else None
-            if alt is not None:
-                mask = keep[k]
-                out = {kind: torch.where(mask.view(-1, *[1] * (v.dim() - 1)), v, alt[kind].to(v.dtype))
-                       for kind, v in out.items()}
-            outputs.append(out)
-        cond = self.conditioner._route(outputs, device=self.device)
-        return cond.map(lambda t: t.float())  # autocast, where it is on, rounds it back to bf16 exactly
-
-
-def text_storage_dtype(cfg: UNetTrainConfig, device: torch.device) -> torch.dtype:
-    """bf16 when the UNet really runs under bf16 autocast (GPU, or a CPU with bf16 kernels), else fp32."""
-    if cfg.mixed_precision != "bf16":
-        return torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16
-    try:
-        from chorus.models.layers import cpu_has_bf16_kernels
-    except ImportError:
-        return torch.float32
-    return torch.bfloat16 if cpu_has_bf16_kernels() else torch.float32
-
-
-# --- assembling the model folder ---------------------------------------------------------------------
-
-def _component(cfg: UNetTrainConfig, name: str) -> Path | None:
-    """Where a frozen component comes from: an explicit folder, else the base pipeline."""
-    if name == "vae" and cfg.vae:
-        p = Path(cfg.vae)
-        return p / "vae" if (p / "vae" / "config.json").is_file() else p
-    if name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") and cfg.text_encoder:
-        p = Path(cfg.text_encoder) / name
-        return p if p.is_dir() else None
-    if cfg.base and (Path(cfg.base) / name).is_dir():
-        return Path(cfg.base) / name
-    return None
-
-
-def _text_class(folder: Path) -> str:
-    data = json.loads((folder / "config.json").read_text())
-    return (data.get("architectures") or ["CLIPTextModel"])[0]
-
-
-def _tokenizer_class(folder: Path) -> str:
-    p = folder / "tokenizer_config.json"
-    name = json.loads(p.read_text()).get("tokenizer_class", "CLIPTokenizer") if p.is_file() else "CLIPTokenizer"
-    return name.replace("Fast", "")
-
-
-def complete_unet_config(unet: dict, parts: Path, resolution: int) -> dict:
-    """Fill the UNet fields its neighbours fix: latent channels and size (VAE), context width (text)."""
-    vae = json.loads((parts / "vae" / "config.json").read_text())
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    out = dict(unet)
-    out.setdefault("in_channels", vae.get("latent_channels", 4))
-    out.setdefault("out_channels", vae.get("latent_channels", 4))
-    out.setdefault("sample_size", resolution // factor)
-    widths, pooled = [], None
-    for name in ("text_encoder", "text_encoder_2"):
-        if (parts / name / "config.json").is_file():
-            tc = json.loads((parts / name / "config.json").read_text())
-            widths.append(tc["hidden_size"])
-            pooled = tc.get("projection_dim", tc["hidden_size"]) if name == "text_encoder_2" else pooled
-    out.setdefault("cross_attention_dim", sum(widths))
-    if out.get("addition_embed_type") == "text_time":
-        out.setdefault("addition_time_embed_dim", 256)
-        n_ids = 6
-        out.setdefault("projection_class_embeddings_input_dim",
-                       (pooled or widths[-1]) + n_ids * out["addition_time_embed_dim"])
-    return out
-
-
-def prepare_parts(cfg: UNetTrainConfig, parts: Path) -> None:
-    """OUT/parts: model_index.json, scheduler/, the frozen components and a freshly initialised unet/."""
-    from chorus.models import UNet
-    tmp = parts.parent / f".tmp-parts-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    vae = _component(cfg, "vae")
-    te = _component(cfg, "text_encoder")
-    if vae is None or te is None or _component(cfg, "tokenizer") is None:
-        raise ChorusError("The UNet trainer needs a frozen VAE and text encoder: give `base` (a pipeline folder "
-                          "with vae/, text_encoder/, tokenizer/), or `vae` and `text_encoder` folders "
-                          "(`chorus train --part vae|text` makes them).")
-    ckpt.link_or_copy_tree(vae, tmp / "vae")
-    index = {}
-    if cfg.base and (Path(cfg.base) / "model_index.json").is_file():
-        index = json.loads((Path(cfg.base) / "model_index.json").read_text())
-    index.setdefault("_class_name", "StableDiffusionPipeline")
-    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        src = _component(cfg, name)
-        if src is not None:
-            ckpt.link_or_copy_tree(src, tmp / name)
-            index[name] = ["transformers", _text_class(src) if name.startswith("text") else _tokenizer_class(src)]
-        elif name in index:
-            index[name] = [None, None]
-    sched = dict(DEFAULT_SCHEDULE)
-    if _component(cfg, "scheduler") is not None:
-        sched = json.loads((_component(cfg, "scheduler") / "scheduler_config.json").read_text())
-    sched.update(cfg.schedule)
-    sched["prediction_type"] = cfg.prediction_type
-    NoiseSchedule.from_config(sched)  # refuse what Chorus cannot sample before training on it
-    (tmp / "scheduler").mkdir()
-    ckpt.write_json(sched, tmp / "scheduler" / "scheduler_config.json")
-    index["scheduler"] = ["diffusers", sched.get("_class_name", "EulerDiscreteScheduler")]
-    index["vae"] = ["diffusers", "AutoencoderKL"]
-    index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    for key, value in (("safety_checker", [None, None]), ("feature_extractor", [None, None]),
-                       ("requires_safety_checker", False)):
-        if index["_class_name"] == "StableDiffusionPipeline":
-            index.setdefault(key, value)
-    index["_diffusers_version"] = index.get("_diffusers_version", "0.42.1")
-    if cfg.unet:
-        unet_cfg = complete_unet_config(cfg.unet, tmp, cfg.resolution)
-    elif _component(cfg, "unet") is not None:
-        unet_cfg = json.loads((_component(cfg, "unet") / "config.json").read_text())
-    else:
-        raise ChorusError("No UNet to train: give a `unet` config (its fields in diffusers' names) or a `base` "
-                          "folder with unet/.")
-    if unet_cfg.get("addition_embed_type") == "text_time":
-        index["_class_name"] = "StableDiffusionXLPipeline"
-        for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
-            index.pop(key, None)
-    if cfg.init_from_base:
-        if _component(cfg, "unet") is None:
-            raise ChorusError("init_from_base is set but the base folder has no unet/.")
-        unet = UNet.from_pretrained(_component(cfg, "unet"), torch_dtype=torch.float32)
-    else:
-        with torch.random.fork_rng():
-            torch.manual_seed(mix_seed(cfg.seed, 0x1417))
-            unet = UNet.from_config(unet_cfg)
-    ckpt.write_unet(unet, tmp / "unet")
-    ckpt.write_json(index, tmp / "model_index.json")
-    if parts.exists():
-        shutil.rmtree(parts)
-    os.replace(tmp, parts)
-
-
 # --- the trainer -------------------------------------------------------------------------------------
 
-class UNetTrainer:
-    """Trains a UNet on top of a frozen VAE and conditioner; `run()` returns the exported model folder."""
+class UNetTrainer(Trainer):
+    """Trains a UNet on top of a frozen VAE and conditioner (the core's loop); `run()` returns the
+    exported model folder."""
+
+    part_name = "unet"
+    resume_fixed = RESUME_FIXED
 
     def __init__(self, cfg: UNetTrainConfig, out_dir, progress: bool = True, resume: bool | str = False,
                  log=print):
-        self.cfg, self.out, self.progress, self.resume, self.log = absolute_paths(cfg), Path(out_dir), progress, resume, log
-        self.d = D.Dist()
+        super().__init__(absolute_paths(cfg), out_dir, progress, resume, log)
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        return self.unet
+
+    def describe(self) -> str:
+        return (f"UNet {self.unet.num_parameters() / 1e6:.2f}M parameters, latents "
+                f"{'×'.join(map(str, self.latent_shape))}, timesteps [{', '.join(map(str, self.t_range))}), "
+                f"{self.source.describe()}")
+
+    def describe_record(self) -> dict:
+        return {"data": self.source.describe(), "unet_parameters": self.unet.num_parameters(),
+                "timesteps": list(self.t_range)}
+
+    def periodic(self) -> None:
+        cfg = self.cfg
+        if cfg.sample_every and self.step % cfg.sample_every == 0 and self.d.is_main:
+            self.sample_grid()
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.d.is_main:
+            self.evaluate()
+
+    def finish(self) -> Path:
+        cfg = self.cfg
+        if cfg.sample_prompts and not cfg.sample_every and self.d.is_main:
+            self.sample_grid()
+        final = self.out / "model"
+        if self.d.is_main:
+            ckpt.export_model(self.parts, self.ema if self.ema is not None else self.unet, final,
+                              getattr(torch, cfg.export_dtype))
+        return final
 
     # -- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -385,18 +143,11 @@ class UNetTrainer:
         self.latent_cache: dict[int, torch.Tensor] = {}
         f = vae.downsampling_factor
         self.latent_shape = (self.unet.config.in_channels, cfg.resolution // f, cfg.resolution // f)
+        self.t_range = timestep_range(self.schedule.num_train_timesteps, cfg.timestep_interval)
         if cfg.resolution % (f * 2 ** (len(self.unet.config.block_out_channels) - 1)):
             raise ChorusError(f"resolution {cfg.resolution} is not a multiple of the VAE factor {f} times the "
                               "UNet's downsampling.")
         self.logger = RunLog(out, d.is_main)
-
-    def _check_resume_config(self, saved: dict) -> None:
-        now = to_dict(self.cfg)
-        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != now.get(k)]
-        if changed:
-            raise ChorusError(f"--resume continues a run exactly, but these settings differ from the checkpoint's: "
-                              f"{', '.join(changed)}. Resume with the same settings (its config is in "
-                              f"{self.out / 'config.json'}), or start a new run in another --out folder.")
 
     # -- one step ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -429,7 +180,7 @@ class UNetTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         draws = step_draws(cfg.seed, self.step, cfg.batch_size, self.latent_shape,
-                           self.schedule.num_train_timesteps, self.cond.rates)
+                           self.schedule.num_train_timesteps, self.cond.rates, cfg.timestep_interval)
         total = torch.zeros((), device=d.device)
         for m in range(cfg.grad_accum):
             examples, sl = self.stream.micro_batch(self.step, m, self._cached)
@@ -455,95 +206,6 @@ class UNetTrainer:
 
     def _cached(self, key) -> bool:
         return self.cfg.cache_latents and key in self.latent_cache
-
-    # -- the run ---------------------------------------------------------------------------------------
-    def run(self) -> Path:
-        """Train to cfg.steps (from a checkpoint when resuming); save, sample, evaluate; export the model."""
-        try:
-            self.setup()
-            return self._loop()
-        finally:
-            if hasattr(self, "logger"):
-                self.logger.close()
-            D.teardown()
-
-    def _loop(self) -> Path:
-        cfg, d = self.cfg, self.d
-        start = self.step
-        self.logger.write({"event": "resume" if start else "start", "step": start, "world_size": d.world_size,
-                           "data": self.source.describe(), "unet_parameters": self.unet.num_parameters()})
-        if d.is_main:
-            self.log(f"train: UNet {self.unet.num_parameters() / 1e6:.2f}M parameters, latents "
-                     f"{'×'.join(map(str, self.latent_shape))}, {self.source.describe()}, {d.world_size} "
-                     f"process(es), steps {start} → {cfg.steps}")
-        bar = _progress(cfg.steps, start, self.progress and d.is_main)
-        t_last, n_last, smooth = time.perf_counter(), start, None
-        try:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                stats = self.train_step()
-                smooth = stats["loss"] if smooth is None else 0.95 * smooth + 0.05 * stats["loss"]
-                rate = cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{smooth:.4f}", samples_s=f"{rate:.1f}", refresh=False)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    now = time.perf_counter()
-                    sps = (self.step - n_last) * cfg.batch_size / max(now - t_last, 1e-9)
-                    eta = (cfg.steps - self.step) * cfg.batch_size / max(sps, 1e-9)
-                    self.logger.write({"step": self.step, "loss": stats["loss"], "loss_smooth": smooth,
-                                       "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                                       "samples_per_s": sps, "eta_s": eta})
-                    t_last, n_last = now, self.step
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    self.save()
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and d.is_main:
-                    self.sample_grid()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and d.is_main:
-                    self.evaluate()
-        except NonFiniteLoss as e:
-            last = ckpt.checkpoints(self.out)
-            kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
-            raise ChorusError(f"Training stopped at step {e.step}: the loss became {e.loss} (grad norm {e.norm}); "
-                              f"{kept}, untouched. Lower the learning rate (lr={cfg.lr}), keep grad_clip on, or "
-                              "check the data, then --resume.") from None
-        finally:
-            if bar is not None:
-                bar.close()
-        if cfg.sample_prompts and not cfg.sample_every and d.is_main:
-            self.sample_grid()
-        final = self.out / "model"
-        if d.is_main:
-            dtype = getattr(torch, cfg.export_dtype)
-            ckpt.export_model(self.parts, self.ema if self.ema is not None else self.unet, final, dtype)
-            self.logger.write({"event": "done", "step": self.step, "model": str(final)})
-            self.log(f"train: model written to {final}")
-        D.barrier(d)
-        return final
-
-    def save(self) -> Path | None:
-        d = self.d
-        states = [ckpt.local_rng_state()]
-        if d.enabled:
-            gathered = [None] * d.world_size
-            torch.distributed.all_gather_object(gathered, states[0])
-            states = gathered
-        path = None
-        error = None
-        if d.is_main:
-            state = {"world_size": d.world_size, "samples_seen": self.step * self.cfg.batch_size,
-                     "data_position": {"step": self.step, "per_rank": self.step * self.cfg.batch_size // d.world_size},
-                     "config": to_dict(self.cfg)}
-            try:
-                path = ckpt.save_checkpoint(self.out, self.step, self.parts, self.ema, self.unet, self.optimizer,
-                                            state, states, self.cfg.keep_last)
-                self.logger.write({"event": "checkpoint", "step": self.step, "path": str(path)})
-            except ChorusError as e:
-                error = str(e)
-        error = D.broadcast_object(error, d)
-        if error:
-            raise ChorusError(error)
-        return path
 
     # -- progress: sample grids and benchmark scores ----------------------------------------------------
     def pipeline(self):
@@ -593,19 +255,6 @@ class UNetTrainer:
         return record
 
 
-def absolute_paths(cfg: UNetTrainConfig) -> UNetTrainConfig:
-    """The config with its folders made absolute, so a checkpoint resumes from any working directory."""
-    changes = {k: str(Path(v).resolve()) for k in ("base", "vae", "text_encoder", "data")
-               if isinstance(v := getattr(cfg, k), str)}
-    return dataclasses.replace(cfg, **changes)
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, step: int, loss: float, norm: float | None):
-        super().__init__(step, loss, norm)
-        self.step, self.loss, self.norm = step, loss, norm
-
-
 def _flat_scores(summary: dict) -> dict:
     """The scalars of a scoring.summarize() result: overall, per task, per split."""
     out = {"overall": summary["overall"], "n_images": summary["n_images"]}
@@ -628,50 +277,6 @@ def caption_grid(images, prompts: list[str], per_prompt: int = 1):
     return grid
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="train unet", unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-class RunLog:
-    """logs/train.jsonl (and TensorBoard under logs/tb when it is installed), written by rank 0."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled, self.tb, self.file = enabled, None, None
-        if not enabled:
-            return
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "logs" / "train.jsonl", "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out / "logs" / "tb"))
-        except ImportError:
-            self.tb = None
-        self.t0 = time.time()
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"time": round(time.time() - self.t0, 3), **record}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None and "step" in record:
-            prefix = record.get("event", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-
-
 def train_unet(cfg: UNetTrainConfig | dict | str | Path, out_dir, progress: bool = True,
                resume: bool | str = False) -> Path:
     """Train a UNet (see UNetTrainConfig); returns the exported diffusers-format model folder."""
@@ -680,5 +285,4 @@ def train_unet(cfg: UNetTrainConfig | dict | str | Path, out_dir, progress: bool
     return UNetTrainer(cfg, out_dir, progress=progress, resume=resume).run()
 
 
-__all__ = ["UNetTrainer", "train_unet", "lr_at", "ema_decay_at", "step_draws", "TrainingConditioner",
-           "complete_unet_config", "prepare_parts", "caption_grid"]
+__all__ = ["UNetTrainer", "train_unet", "backward_loss", "caption_grid"]

@@ -342,3 +342,52 @@ def validate_spec(spec, where: str = "spec") -> dict:
     out["include"] = [{**r, "count": r.get("count", 1)} for r in include]
     out["exclude"] = [{**r, "count": r.get("count", 1)} for r in exclude]
     return out
+
+
+# ---- descriptive captions (DALL-E 3's recaptioning, in miniature) ---------------------------------
+def describe_scene(rng: np.random.Generator, objects, min_visible: float = 0.3, max_relations: int = 1) -> str:
+    """A complete, truthful caption of a rendered scene: every visible object with its colour and size
+    (same-looking objects grouped as a count), in random order, then up to `max_relations` relation
+    clauses between distinct objects whose relation is unambiguous under GenEval's rule.
+
+    `objects` are the renderer's WorldObjects (ground truth, not the prompt); training words only.
+    """
+    from chorus.world.render import relations
+    objs = [o for o in objects if o.visible_fraction >= min_visible]
+    if not objs:
+        return "an empty background"
+    lex = _Lexicon(rng, heldout=False)
+    groups: dict[tuple[str, str], list] = {}
+    for o in objs:
+        groups.setdefault((o.color, o.shape), []).append(o)
+    keys = list(groups)
+    rng.shuffle(keys)
+    parts = []
+    for color, shape in keys:
+        members = groups[(color, shape)]
+        sizes = {o.size for o in members}
+        words = ([lex.size(members[0].size)] if len(sizes) == 1 and rng.random() < 0.7 else []) + [lex.color(color)]
+        n = len(members)
+        if n == 1:
+            parts.append(_a(" ".join(words + [lex.noun(shape)])))
+        else:
+            parts.append(" ".join([lex.count(n) if n in TRAIN_COUNTS else str(n)] + words
+                                  + [lex.noun(shape, plural=True)]))
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    # relations only between objects the caption names uniquely (the only one of its colour and shape)
+    singles = [k for k in keys if len(groups[k]) == 1]
+    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1:]]
+    rng.shuffle(pairs)
+    clauses = []
+    limit = max_relations if len(keys) <= 3 else 0   # keep the caption inside a 32-token window
+    for a, b in pairs:
+        if len(clauses) >= limit:
+            break
+        if rng.random() < 0.5:
+            a, b = b, a
+        rels = sorted(relations(groups[a][0].box, groups[b][0].box))
+        if len(rels) != 1:
+            continue
+        clauses.append(f"the {lex.color(a[0])} {lex.noun(a[1])} is {lex.relation(rels[0])} "
+                       f"the {lex.color(b[0])} {lex.noun(b[1])}")
+    return text + ("; " + ", ".join(clauses) if clauses else "")

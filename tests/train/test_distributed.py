@@ -96,3 +96,29 @@ def test_training_on_shards_runs(sd_folder, tmp_path):
     model = train_unet(tiny_config(sd_folder, data=str(tmp_path / "shards"), steps=2), tmp_path / "run",
                        progress=False)
     assert (model / "unet" / "config.json").is_file()
+
+
+def test_a_whole_recipe_trains_under_torchrun_on_a_fresh_out(tmp_path):
+    """`torchrun … chorus train --config RECIPE --part unet --out FRESH`: the VAE and text encoder the UNet
+    needs are trained first (on rank 0, the other rank waiting), then the UNet data-parallel on both."""
+    import json
+    from chorus.train.config import PRESETS, to_dict
+    from unet_helpers import TINY_UNET
+    unet = dict(to_dict(PRESETS["tiny"].unet), unet=dict(TINY_UNET), steps=2, batch_size=4, epoch_size=8,
+                save_every=2, sample_prompts=[], sample_every=0, eval_every=0, resolution=32, mixed_precision="no")
+    recipe = {"vae": {"steps": 2, "batch_size": 4, "heldout_images": 6, "scale_images": 8, "eval_every": 2,
+                      "image_size": 32},
+              "text": {"steps": 2, "batch_size": 8, "natural_scenes": 32, "twin_pairs": 8, "eval_scenes": 8,
+                       "eval_every": 2},
+              "unet": unet}
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(recipe))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "chorus", "train", "--config", str(config), "--part", "unet", "--out", str(tmp_path / "fresh"),
+           "--threads", "1", "--no-progress"]
+    run = subprocess.run(cmd, env=chorus_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "fresh"
+    assert (out / "vae" / "config.json").is_file() and (out / "text" / "text_encoder" / "config.json").is_file()
+    assert '"world_size": 2' in (out / "logs" / "train.jsonl").read_text()
+    assert (out / "model" / "unet" / "config.json").is_file()

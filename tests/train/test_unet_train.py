@@ -37,7 +37,7 @@ def test_ema_update_is_the_convex_combination():
     ema_update(ema, model, 0.9)
     for b, e, m in zip(before, ema.parameters(), model.parameters()):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * m.detach())
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10 ** 6, 0.999) == 0.999
+    assert ema_decay_at(0, 0.999) == 0.0 and ema_decay_at(10 ** 6, 0.999) == 0.999
 
 
 def test_step_draws_are_a_function_of_seed_and_step():
@@ -197,3 +197,27 @@ def test_config_refuses_bad_values():
     with pytest.raises(ChorusError, match="divisible"):
         from chorus.train.data import check_batch
         check_batch(10, 4, 1)
+
+
+@pytest.mark.parametrize("embedders", [
+    ["text", "original_size", "crop_top_left", "target_size"],                       # one encoder, no pooled vector
+    [{"name": "text", "pooled": True}, "original_size", "crop_top_left", "target_size"],
+    [{"name": "text", "dropout": 0.3}, {"name": "minilm", "max_length": 77, "dropout": 0.2}],   # eDiff-I's pair
+])
+def test_a_named_conditioner_trains_exports_and_samples(sd_folder, tmp_path, embedders):
+    """Micro-conditioning with a single text encoder, and the CLIP + MiniLM ensemble, from the config's
+    `embedders` list: trained, written with conditioner.json, loaded whole by the pipeline."""
+    import json
+    from chorus.pipeline import Pipeline
+    cfg = tiny_config(sd_folder, embedders=embedders, steps=2)
+    model = train_unet(cfg, tmp_path / "run", progress=False)
+    spec = json.loads((model / "conditioner.json").read_text())["embedders"]
+    assert [e["name"] for e in spec] == [e if isinstance(e, str) else e["name"] for e in embedders]
+    pipe = Pipeline.from_pretrained(model)
+    rates = [e.dropout for e in pipe.base.conditioner.embedders]
+    assert rates == [e["dropout"] for e in spec]
+    micro = any(e == "original_size" for e in embedders)
+    assert (pipe.base.unet.config.addition_embed_type == "text_time") == micro
+    out = pipe("a red circle", num_inference_steps=2, height=32, width=32, seed=0, progress=False,
+               original_size=(16, 16), crops_coords_top_left=(2, 2))
+    assert len(out.images) == 1
