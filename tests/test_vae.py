@@ -267,3 +267,30 @@ def test_weights_of_another_architecture(tmp_path):
         VAE.from_pretrained(tmp_path / "vae")
     with pytest.raises(ChorusError, match="other shapes"):
         VAE.from_config({**TINY, "block_out_channels": (32, 96)}).load_weights(VAE.from_config(TINY).state_dict())
+
+
+def test_folded_latent_normalisation_whitens_and_still_loads_in_diffusers(tmp_path):
+    """After folding μ, σ of the raw latents into quant_conv / post_quant_conv: diffusers' own AutoencoderKL
+    loads the folder, its latents have per-channel mean 0 and std 1 on the images measured, and
+    decode(encode(x)) is what it was before the fold."""
+    ref = reference(seed=3, scaling_factor=1.0)
+    ours = chorus_copy(ref)
+    x = image(b=8, seed=4)
+    with torch.no_grad():
+        z = ours.encode(x).mode()
+        mu, sd = z.mean((0, 2, 3)), z.std((0, 2, 3))
+        before, std_before = ours.decode(z), ours.encode(x).std
+        ours.fold_latent_normalisation(mu, sd)
+        z2 = ours.encode(x).mode()
+    assert ours.scaling_factor == 1.0 and ours.shift_factor is None
+    torch.testing.assert_close(z2.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z2.std((0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "folded")
+    theirs = AutoencoderKL.from_pretrained(tmp_path / "folded").eval()
+    with torch.no_grad():
+        zd = theirs.encode(x).latent_dist
+        assert_close(zd.mode(), z2)
+        assert_close(zd.std, std_before / sd[None, :, None, None])   # the posterior's width scales with z
+        assert_close(theirs.decode(zd.mode()).sample, before)
+    with pytest.raises(ChorusError, match="scaling_factor"):
+        chorus_copy(reference(seed=3)).fold_latent_normalisation(mu, sd)   # 0.18215: statistics ambiguous

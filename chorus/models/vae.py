@@ -335,6 +335,42 @@ class VAE(ModelBase):
     def shift_factor(self) -> float | None:
         return self.config.shift_factor
 
+    @torch.no_grad()
+    def fold_latent_normalisation(self, mean, std) -> None:
+        """Centre and whiten the latent space per channel inside the weights (Lin et al.'s and SDXL's
+        latents_mean/std, folded so the folder stays a plain diffusers AutoencoderKL).
+
+        With μ_c, σ_c the per-channel mean and std of the posterior means z = mode(q(z|x)), the encoder's
+        quant_conv is rewritten to give z' = (z − μ)/σ (its log-variance rows shifted by −2 log σ), the
+        decoder's post_quant_conv to read z = σ z' + μ, and scaling_factor becomes 1 with no shift: the
+        diffusion model then sees zero-mean, unit-variance latents and decode(encode(x)) is unchanged.
+        """
+        if self.quant_conv is None or self.post_quant_conv is None:
+            raise ChorusError("Folding the latent normalisation needs quant_conv and post_quant_conv "
+                              "(use_quant_conv / use_post_quant_conv); this VAE has none to fold into.")
+        lat = self.config.latent_channels
+        mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        std = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if mean.numel() != lat or std.numel() != lat or not bool((std > 0).all()):
+            raise ChorusError(f"fold_latent_normalisation needs {lat} means and {lat} positive stds.")
+        shift = self.config.shift_factor or 0.0
+        if self.config.scaling_factor != 1.0 or shift:
+            # the statistics are of the raw z; an earlier scale/shift would be applied on top: refuse to guess
+            raise ChorusError("Fold into a VAE whose scaling_factor is 1 and shift_factor none: the statistics "
+                              "are of its raw latents (set scaling_factor to 1 first).")
+        q_w, q_b = self.quant_conv.weight.double(), self.quant_conv.bias.double()
+        q_w[:lat] /= std[:, None, None, None]
+        q_b[:lat] = (q_b[:lat] - mean) / std
+        q_b[lat:] -= 2 * std.log()
+        p_w, p_b = self.post_quant_conv.weight.double(), self.post_quant_conv.bias.double()
+        p_b = p_b + (p_w[:, :, 0, 0] @ mean)
+        p_w = p_w * std[None, :, None, None]
+        for conv, w, b in ((self.quant_conv, q_w, q_b), (self.post_quant_conv, p_w, p_b)):
+            conv.weight.copy_(w.to(conv.weight.dtype))
+            conv.bias.copy_(b.to(conv.bias.dtype))
+        self.config.scaling_factor = 1.0
+        self.config.shift_factor = None
+
     # --- switches ---
     def enable_tiling(self, tile_latent_size: int = 64, overlap: float = 0.25) -> None:
         """Encode/decode in overlapping tiles of `tile_latent_size` latent pixels when the input is larger."""

@@ -156,15 +156,20 @@ def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance:
     return images
 
 
-def fid_against_renders(evaluator, images, specs: list[dict], seed: int = 5_000_000) -> dict:
-    """FID/KID of `images` against renders of the same specs, and the real-vs-real floor (two render sets)."""
-    from chorus.world.evaluator import frechet_distance, inception_score, kernel_distance
+def fid_against_renders(evaluator, images, specs: list[dict], seed: int = 5_000_000,
+                        blur_sigma: float = 1.0) -> dict:
+    """FID/KID of `images` against renders of the same specs, beside two yardsticks: the real-vs-real
+    floor (a second render set) and a reference degradation (that second set blurred at σ = blur_sigma
+    px), so the number has a scale."""
+    from chorus.world.evaluator import frechet_distance, gaussian_blur, inception_score, kernel_distance, to_batch
     size = evaluator.config.image_size
     real_a = render_specs(specs, seed, size)
     real_b = render_specs(specs, seed + len(specs), size)
     fa, fb, fg = evaluator.features(real_a), evaluator.features(real_b), evaluator.features(images)
+    f_blur = evaluator.features(gaussian_blur(to_batch(real_b, size)[0], blur_sigma))
     return {"fid": frechet_distance(fg, fa), "kid": kernel_distance(fg, fa),
             "fid_floor": frechet_distance(fb, fa), "kid_floor": kernel_distance(fb, fa),
+            "fid_blur": frechet_distance(f_blur, fa), "blur_sigma": blur_sigma,
             "is": inception_score(evaluator.shape_probs(images)),
             "is_real": inception_score(evaluator.shape_probs(real_a)), "n": len(images)}
 
@@ -210,7 +215,8 @@ def eval_command(args) -> int:
         summary.update(fid_against_renders(evaluator, images, specs))
     print(format_table(summary))
     if args.fid:
-        print(f"FID {summary['fid']:.3f} (real-vs-real floor {summary['fid_floor']:.3f}), "
+        print(f"FID {summary['fid']:.3f} (real-vs-real floor {summary['fid_floor']:.3f}, renders blurred at "
+              f"σ={summary['blur_sigma']:g} px {summary['fid_blur']:.3f}), "
               f"KID {summary['kid']:.4f} (floor {summary['kid_floor']:.4f}), "
               f"IS {summary['is']:.2f} (renders {summary['is_real']:.2f}), n={summary['n']}")
     print(f"({len(images)} images, {time.time() - t0:.1f} s)")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from chorus.world.eval_cli import HONESTY_SEED
-from chorus.world.scene import COLORS, RELATIONS, WorldObject
+from chorus.world.scene import BACKGROUNDS, COLORS, RELATIONS, WorldObject
 from chorus.world.scoring import Detection, evaluate_spec
 
 TRUST_SEED = HONESTY_SEED + 40_000  # render_spec seeds 7_040_000 + i: disjoint from the other honesty renders
@@ -380,36 +380,76 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return out, len(roots)
 
 
-def color_components(image, tol: float = 48.0, min_area: float = 8.0, smooth: bool = True) -> dict[str, int]:
+def _blend_pairs(bg: np.ndarray, tol: float) -> np.ndarray:
+    """(10, 10) bool: anchor k lies within tol of a blend α·anchor_j + (1 − α)·bg, α ∈ [0.2, 0.9] —
+    the colour an anti-aliased or blurred edge of a j object passes through (orange → brown, white → gray)."""
+    alphas = np.linspace(0.2, 0.9, 15)[:, None, None]
+    blends = alphas * _ANCHORS[None] + (1 - alphas) * bg  # (15, 10, 3): blends of each j
+    d = np.linalg.norm(_ANCHORS[:, None, None, :] - blends[None], axis=-1).min(1)  # (k, j)
+    out = d <= tol
+    np.fill_diagonal(out, False)
+    return out
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        mask = np.logical_or.reduce([mask] + _shifts(mask, False))
+    return mask
+
+
+def _median3(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[:2]
+    p = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return np.median(np.stack([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]), axis=0)
+
+
+_BACKGROUND = np.array(list(BACKGROUNDS.values()), np.float32).mean(0)  # the typical dark tint
+
+
+def color_components(image, tol: float = 44.0, min_area: float = 8.0, smooth: bool = True) -> dict[str, int]:
     """Per colour anchor, how many objects of that colour the image holds (shape ignored).
 
-    A pixel belongs to the nearest anchor of COLORS when within `tol` (Euclidean RGB; the anchors
-    are >= 80 apart, objects jitter by <= 10 per channel, the background has every channel <= 68 and
-    lies >= 90 from every anchor). An object is an 8-connected component of one colour that has at
-    least one *core* pixel (all four neighbours of its colour too) and `min_area` pixels per 64×64:
-    the core rule drops the one-pixel rings an anti-aliased edge blends into another anchor (white
-    over the dark background passes through gray, orange through brown). `smooth` averages 3×3
-    first, which tames sample noise. Touching objects of one colour count as one.
+    1. `smooth`: a 3×3 median per channel (tames sample noise, keeps edges sharp);
+    2. a pixel belongs to the nearest anchor of COLORS when within `tol` (Euclidean RGB; anchors are
+       >= 80 apart, objects jitter <= 10 per channel, every background channel is <= 68, >= 90 from
+       every anchor);
+    3. an object is an 8-connected component of one colour with `min_area` pixels (per 64×64) and at
+       least one *core* pixel (its four neighbours of its colour too): one-pixel edge rings go;
+    4. *fringes* go too: a component of colour k, where k is what an edge of colour j blends into
+       over the dark background (`_blend_pairs`: white → gray, orange → brown, ...), with at least
+       half of its pixels within 2 px of colour j — the halo of a blurred j object, not an object.
+
+    Touching objects of one colour count as one; a k object half-hugging a j object would be lost.
     """
     a = _as_array(image)
-    h, w = a.shape[:2]
     if smooth:
-        p = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        a = sum(p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
+        a = _median3(a)
+    h, w = a.shape[:2]
     d = np.linalg.norm(a[:, :, None, :] - _ANCHORS[None, None], axis=-1)  # (H, W, 10)
-    nearest, dist = d.argmin(-1), d.min(-1)
+    nearest, ok = d.argmin(-1), d.min(-1) <= tol
+    masks = [(nearest == k) & ok for k in range(len(COLORS))]
+    blends = _blend_pairs(_BACKGROUND, tol)
     area = min_area * h * w / 4096.0
+    near: dict[int, np.ndarray] = {}  # colour j -> pixels within 2 px of it (computed when needed)
     counts = {}
     for k, name in enumerate(COLORS):
-        mask = (nearest == k) & (dist <= tol)
-        n = 0
+        mask, n = masks[k], 0
         if mask.sum() >= area:
             up, left, right, down = (_shifts(mask, False)[i] for i in (1, 3, 4, 6))
             core = mask & up & left & right & down
             labels, n_comp = connected_components(mask)
             sizes = np.bincount(labels.ravel(), minlength=n_comp + 1)
             cores = np.bincount(labels[core], minlength=n_comp + 1)
-            n = int(((sizes >= area) & (cores > 0))[1:].sum())
+            keep = (sizes >= area) & (cores > 0)
+            keep[0] = False
+            for j in np.nonzero(blends[k])[0]:
+                if not masks[j].any() or not keep.any():
+                    continue
+                if j not in near:
+                    near[j] = _dilate(masks[j], 2)
+                hugged = np.bincount(labels[near[j] & mask], minlength=n_comp + 1)
+                keep &= hugged < 0.5 * sizes
+            n = int(keep.sum())
         counts[name] = n
     return counts
 

@@ -252,9 +252,10 @@ def test_eval_model_fid(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     run(["eval", "--model", "m", "--limit", "6", "--images-per-prompt", "2", "--fid", "--json", str(out)])
     res = json.loads(out.read_text())
-    for key in ("fid", "kid", "fid_floor", "kid_floor", "is", "is_real"):
+    for key in ("fid", "kid", "fid_floor", "kid_floor", "fid_blur", "is", "is_real"):
         assert np.isfinite(res[key])
     assert 1.0 <= res["is"] <= 8.0
+    assert res["blur_sigma"] == 1.0   # (6 specs are too few to rank FIDs: finite is all this checks)
 
 
 @needs_weights
