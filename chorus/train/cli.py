@@ -1,7 +1,7 @@
 """`chorus train`: a thin layer over chorus.train (presets, a config file, and the flags that matter).
 
     chorus train --preset tiny --out runs/tiny                 VAE → text encoder → UNet, minutes
-    chorus train --preset default --out runs/default           the shipped model's recipe
+    chorus train --preset default --out runs/default           the shipped model's recipe (3 UNet stages)
     chorus train --part unet --base MODEL --data DIR --out runs/ft --steps 2000
     chorus train --out runs/default --resume                   continue after an interruption (even kill -9)
     torchrun --nproc_per_node 2 -m chorus train --preset tiny --part unet --base MODEL --out runs/ddp
@@ -23,7 +23,9 @@ def register(subparsers) -> None:
                     "diffusers-format folder that `chorus generate --model OUT/model` loads. Checkpoints in "
                     "OUT/checkpoints are model folders too; --resume continues exactly where a run stopped. "
                     "Runs under torchrun / accelerate launch (DDP).")
-    p.add_argument("--preset", default=None, help="a preset recipe: tiny (minutes) or default (the shipped model)")
+    p.add_argument("--preset", default=None, help="a preset recipe: tiny (minutes), default (the shipped model: VAE → text encoder → "
+                        "3 UNet stages), default-v / default-grow (its stages 2 and 3 alone, on --base), "
+                        "default-scratch (the one-stage recipe from scratch)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a JSON config: a recipe {\"vae\": {...}, \"text\": {...}, \"unet\": {...}} or UNet fields")
     p.add_argument("--part", default=None, choices=["vae", "text", "unet", "all"],
@@ -56,7 +58,7 @@ def resolve(args):
                           "printout: chorus train --preset tiny --print-config > my.json).")
     if args.config:
         raw = read_config_file(args.config)
-        if raw and set(raw) <= {"vae", "text", "unet"}:   # a recipe; anything else is a UNet config
+        if raw and set(raw) <= {"vae", "text", "unet", "stages"}:   # a recipe; anything else is a UNet config
             recipe = load_config(RecipeConfig, raw, "recipe")
         else:
             recipe = RecipeConfig(unet=load_config(UNetTrainConfig, raw, "UNet training"))
@@ -130,7 +132,8 @@ def run_train(args) -> int:
         torch.set_num_threads(args.threads)
     recipe, parts, out = resolve(args)
     if args.print_config:
-        print(json.dumps({"vae": recipe.vae, "text": recipe.text, "unet": to_dict(recipe.unet)}, indent=2))
+        print(json.dumps({"vae": recipe.vae, "text": recipe.text, "unet": to_dict(recipe.unet),
+                          **({"stages": recipe.stages} if recipe.stages else {})}, indent=2))
         return 0
     rank = env_world()[0]
     progress = not args.no_progress and rank == 0

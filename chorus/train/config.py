@@ -47,6 +47,8 @@ class UNetTrainConfig:
     data_seed: int | None = None       # world data set seed (None: `seed`)
     world_crop: bool = True            # world renders with random frames (original size / crop metadata)
     native_min: int | None = None      # world: smallest native render size (None: the renderer's 16)
+    normalise_latents: int = 0         # N > 0: centre and whiten the latents per channel (statistics of N
+                                       # training images) folded into the VAE's weights (scaling_factor 1)
     descriptive_captions: float = 0.0  # share of training captions that describe every object, its colour,
                                        # size and relations (DALL-E 3's recaptioning); the rest: the short caption
     timestep_interval: tuple = (0.0, 1.0)  # the noise levels trained on, as fractions of [0, T): an expert or
@@ -109,6 +111,8 @@ class UNetTrainConfig:
             raise ChorusError(f"timestep_interval must be two fractions 0 ≤ lo < hi ≤ 1 of the schedule, got "
                               f"{self.timestep_interval!r}.")
         self.timestep_interval = tuple(float(v) for v in lo_hi)
+        if int(self.normalise_latents) < 0:
+            raise ChorusError(f"normalise_latents is a number of images (0: off), got {self.normalise_latents}.")
         if self.native_min is not None and not 8 <= int(self.native_min) <= 128:
             raise ChorusError(f"native_min must be between 8 and 128 pixels, got {self.native_min}.")
         if self.embedders is not None:
@@ -140,6 +144,9 @@ class RecipeConfig:
     vae: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     unet: UNetTrainConfig = field(default_factory=UNetTrainConfig)
+    # later UNet stages, each a dict of UNetTrainConfig fields trained on the previous stage's model folder
+    # (its `base`), into OUT/stage-2, OUT/stage-3, …; the last stage's model is the recipe's model
+    stages: list = field(default_factory=list)
 
 
 def _choice(name: str, value, choices) -> None:
@@ -267,7 +274,29 @@ def _presets() -> dict[str, RecipeConfig]:
                              warmup_steps=100, epoch_size=30_000, text_cache_mb=8192, ema_decay=0.999,
                              save_every=100, keep_last=2, log_every=10, sample_every=500, eval_every=0,
                              eval_prompts=48, mixed_precision="no", export_dtype="float16"))
-    return {"tiny": tiny, "default": default, "default-v": default_v, "default-grow": default_grow}
+    # The whole recipe in one stage, from scratch (issue "a default model that draws what the prompt
+    # says", item 6): the shipped world VAE with its latents centred and whitened (folded into its
+    # weights), the world CLIP beside MiniLM, micro-conditioning, descriptive captions, v-prediction with
+    # zero terminal SNR and trailing timesteps, cross-attention at 16×16 too. The ablation arms of
+    # experiments/ablate_default.py change one lever of it each. Not yet trained at full length.
+    from chorus.paths import shipped_weights
+    scratch = RecipeConfig(
+        vae={}, text={},
+        unet=UNetTrainConfig(vae=str(shipped_weights("vae-world-f4")), text_encoder=str(shipped_weights("text-world")),
+                             unet=GROWN_UNET, normalise_latents=2048,
+                             embedders=[{"name": "text", "dropout": 0.2}, {"name": "minilm", "dropout": 0.2},
+                                        "original_size", "crop_top_left", "target_size"],
+                             prediction_type="v_prediction",
+                             schedule={"timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+                             descriptive_captions=0.5, steps=6000, batch_size=64, lr=1e-3, min_lr=1e-5,
+                             adam_betas=(0.9, 0.99), warmup_steps=300, epoch_size=40_000, text_cache_mb=8192,
+                             ema_decay=0.999, save_every=200, keep_last=2, log_every=10, sample_every=500,
+                             eval_every=0, eval_prompts=48, mixed_precision="no", export_dtype="float16"))
+    # the shipped model in one command: stage 1 (ε), then stage 2 (v) and stage 3 (grown) on top
+    staged = lambda r: {k: v for k, v in to_dict(r.unet).items() if k != "base"}  # noqa: E731
+    default.stages = [staged(default_v), staged(default_grow)]
+    return {"tiny": tiny, "default": default, "default-v": default_v, "default-grow": default_grow,
+            "default-scratch": scratch}
 
 
 PRESETS = _presets()

@@ -91,6 +91,8 @@ def prepare_parts(cfg, parts: Path) -> None:
                           "with vae/, text_encoder/, tokenizer/), or `vae` and `text_encoder` folders "
                           "(`chorus train --part vae|text` makes them).")
     ckpt.link_or_copy_tree(vae, tmp / "vae")
+    if cfg.normalise_latents:
+        normalise_vae_latents(cfg, tmp / "vae")
     index = {}
     if cfg.base and (Path(cfg.base) / "model_index.json").is_file():
         index = json.loads((Path(cfg.base) / "model_index.json").read_text())
@@ -179,3 +181,29 @@ def absolute_paths(cfg):
     changes = {k: str(Path(v).resolve()) for k in ("base", "vae", "text_encoder", "data")
                if isinstance(v := getattr(cfg, k), str)}
     return dataclasses.replace(cfg, **changes)
+
+
+@torch.no_grad()
+def normalise_vae_latents(cfg, folder: Path) -> dict:
+    """Centre and whiten the latents per channel, folded into the VAE's weights (`normalise_latents` N):
+    the per-channel mean and std of the posterior means of the first N training images, folded by
+    `VAE.fold_latent_normalisation`, so the diffusion model sees zero-mean, unit-variance latents and
+    the folder is still a plain diffusers AutoencoderKL. Returns the statistics (also saved beside it)."""
+    from chorus.models import VAE
+    from chorus.train.data import open_source, pixels
+    vae = VAE.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    vae.config.scaling_factor, vae.config.shift_factor = 1.0, None   # the statistics are of the raw latents
+    source = open_source(dataclasses.replace(cfg, data_seed=cfg.world_seed), 0, 1)
+    n = int(cfg.normalise_latents)
+    if getattr(source, "size", None) is not None:
+        images = [source.get(i % source.size).image for i in range(n)]
+    else:
+        images = [e.image for e in source.take(n)]
+    z = torch.cat([vae.encode(pixels(images[i:i + 64])).mode() for i in range(0, n, 64)])
+    mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3))
+    vae.fold_latent_normalisation(mean, std)
+    shutil.rmtree(folder)          # the hard links to the source VAE go; the source is untouched
+    vae.save_pretrained(folder)
+    stats = {"images": n, "mean": [round(float(v), 5) for v in mean], "std": [round(float(v), 5) for v in std]}
+    ckpt.write_json(stats, folder / "latent_normalisation.json")
+    return stats

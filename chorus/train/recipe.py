@@ -116,6 +116,27 @@ def run_recipe(recipe: RecipeConfig, out_dir, parts=PARTS, progress: bool = True
     if "unet" in parts:
         from chorus.train.checkpoint import checkpoints
         from chorus.train.unet import train_unet
-        resume_unet = resume and bool(checkpoints(out))
-        result = train_unet(unet_config_for(recipe, out), out, progress=progress, resume=resume_unet)
+        done = (out / "model" / "unet" / "config.json").is_file() and recipe.stages
+        if done and resume:
+            result = out / "model"
+        else:
+            result = train_unet(unet_config_for(recipe, out), out, progress=progress,
+                                resume=resume and bool(checkpoints(out)))
+        result = run_stages(recipe, out, result, progress, resume)
     return result
+
+
+def run_stages(recipe: RecipeConfig, out: Path, model: Path, progress: bool, resume: bool) -> Path:
+    """The recipe's later UNet stages, each on the previous stage's model folder (its base)."""
+    from chorus.train.checkpoint import checkpoints
+    from chorus.train.config import UNetTrainConfig, load_config
+    from chorus.train.unet import train_unet
+    for k, fields in enumerate(recipe.stages, start=2):
+        stage_out = out / f"stage-{k}"
+        if resume and (stage_out / "model" / "unet" / "config.json").is_file():
+            model = stage_out / "model"
+            continue
+        cfg = load_config(UNetTrainConfig, {**fields, "base": str(model)}, f"stage {k}")
+        print(f"train: stage {k} of {len(recipe.stages) + 1} on {model} → {stage_out}")
+        model = train_unet(cfg, stage_out, progress=progress, resume=resume and bool(checkpoints(stage_out)))
+    return model

@@ -37,7 +37,7 @@ from chorus.train.parts import (DEFAULT_SCHEDULE, absolute_paths, check_embedder
 
 # config fields that change the mathematics of a run: a resume must keep them
 RESUME_FIXED = ("base", "vae", "text_encoder", "unet", "init_from_base", "prediction_type", "schedule", "data",
-                "resolution", "data_seed", "world_crop", "native_min", "descriptive_captions", "timestep_interval",
+                "resolution", "data_seed", "world_crop", "native_min", "normalise_latents", "descriptive_captions", "timestep_interval",
                 "embedders", "epoch_size", "min_snr_gamma", "offset_noise",
                 "text_dropout", "micro_dropout", "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps",
                 "min_lr", "weight_decay", "adam_betas", "adam_eps", "grad_clip", "ema_decay", "mixed_precision", "seed")

@@ -221,3 +221,54 @@ def test_a_named_conditioner_trains_exports_and_samples(sd_folder, tmp_path, emb
     out = pipe("a red circle", num_inference_steps=2, height=32, width=32, seed=0, progress=False,
                original_size=(16, 16), crops_coords_top_left=(2, 2))
     assert len(out.images) == 1
+
+
+def test_normalised_latents_are_folded_into_the_parts_vae(sd_folder, tmp_path):
+    """`normalise_latents`: the run's VAE gives zero-mean, unit-std latents per channel on its training
+    images (scaling_factor 1), decodes as before, and the base folder's VAE is untouched."""
+    import json
+    from chorus.models import VAE
+    before = (sd_folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    t = _trainer(sd_folder, tmp_path, normalise_latents=64, epoch_size=64)
+    vae_cfg = json.loads((t.parts / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == 1.0 and not vae_cfg.get("shift_factor")
+    stats = json.loads((t.parts / "vae" / "latent_normalisation.json").read_text())
+    assert stats["images"] == 64
+    z = t.latents([t.source.get(i) for i in range(64)])
+    torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(4), atol=1e-4, rtol=0)
+    original = VAE.from_pretrained(sd_folder / "vae").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a = original.decode(original.encode(x).mode())
+        b = t.vae.decode(t.vae.encode(x).mode())
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (sd_folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    t.logger.close()
+
+
+def test_a_recipe_trains_its_stages_in_order_each_on_the_last(sd_folder, tmp_path):
+    """RecipeConfig.stages: stage 2 is trained on stage 1's model (grown here into the CLIP + MiniLM
+    ensemble with micro-conditioning); `resume` does not train a finished stage again."""
+    from chorus.train.config import RecipeConfig, to_dict
+    from chorus.train.recipe import run_recipe
+    grown = dict(TINY_UNET_GROWN)
+    stage2 = {k: v for k, v in to_dict(tiny_config(sd_folder, steps=2)).items() if k != "base"}
+    stage2.update(init_from_base=True, unet=grown, prediction_type="v_prediction",
+                  embedders=["text", {"name": "minilm", "max_length": 77}, "original_size", "crop_top_left",
+                             "target_size"])
+    recipe = RecipeConfig(unet=tiny_config(sd_folder, steps=2), stages=[stage2])
+    model = run_recipe(recipe, tmp_path / "r", parts=("unet",), progress=False)
+    assert model == tmp_path / "r" / "stage-2" / "model"
+    import json
+    cfg = json.loads((tmp_path / "r" / "stage-2" / "config.json").read_text())
+    assert cfg["base"] == str((tmp_path / "r" / "model").resolve())
+    assert (model / "conditioner.json").is_file()
+    stamp = (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert run_recipe(recipe, tmp_path / "r", parts=("unet",), progress=False, resume=True) == model
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+
+TINY_UNET_GROWN = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
+                       down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
