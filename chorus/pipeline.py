@@ -142,21 +142,40 @@ class Pipeline:
     def from_pretrained(cls, folder, refiner=None, switch_at: float = 0.8, controlnet=None,
                         torch_dtype=None) -> "Pipeline":
         """A diffusers-format folder; `refiner=` a second folder that takes over at `switch_at`;
-        `controlnet=` one ControlNet folder or a list of them (controls of the base UNet)."""
-        from chorus.models import ControlNet
+        `controlnet=` one ControlNet folder or a list of them (controls of the base UNet).
+        Any of them may be a single-file checkpoint (`.safetensors`, `.ckpt`): see from_single_file."""
+        from chorus.formats.single_file import is_single_file, load_controlnet, load_stage_from
+        if is_single_file(folder):
+            return cls.from_single_file(folder, refiner=refiner, switch_at=switch_at, controlnet=controlnet,
+                                        torch_dtype=torch_dtype)
         folder = default_model_path() if str(folder) == "default" else Path(folder)
         if torch_dtype is None:
             torch_dtype = torch.float32  # on the CPU fp16 weights run far slower than fp32: upcast on load
         base, vae = load_stage(folder, torch_dtype)
         if controlnet is not None:
             paths = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
-            base.controls = [ControlNet.from_pretrained(p, torch_dtype=torch_dtype) for p in paths]
+            base.controls = [load_controlnet(p, torch_dtype=torch_dtype) for p in paths]
         if refiner is None:
             experts = [Expert("base", base)]
         else:
-            ref, _ = load_stage(Path(refiner), torch_dtype)
+            ref, _ = load_stage_from(refiner, torch_dtype)
             experts = [Expert("base", base, 0.0, switch_at), Expert("refiner", ref, switch_at, 1.0)]
         return cls(vae, ExpertEnsemble(experts), base.scheduler_config, name=str(folder))
+
+    @classmethod
+    def from_single_file(cls, path, prediction_type: str | None = None, tokenizer=None, refiner=None,
+                         switch_at: float = 0.8, controlnet=None, torch_dtype=None, config=None) -> "Pipeline":
+        """An A1111/ComfyUI single-file checkpoint (SD 1.x/2.x, SDXL base/refiner; original layout).
+
+        The family and every config come from the tensor names and shapes (chorus.formats).
+        `prediction_type`: SD 2.x ε or v, which the weights cannot tell (default: the file's metadata,
+        else diffusers' rule, v). `tokenizer`: a CLIP tokenizer folder or a pipeline folder with
+        tokenizer/ (single files carry none). `config`: a local diffusers folder whose configs (and tokenizers)
+        fill in what the shapes cannot tell. `.ckpt` files are read with weights_only=True or refused."""
+        from chorus.formats.single_file import pipeline_from_single_file
+        return pipeline_from_single_file(cls, path, prediction_type=prediction_type, tokenizer=tokenizer,
+                                         refiner=refiner, switch_at=switch_at, controlnet=controlnet,
+                                         torch_dtype=torch_dtype, config=config)
 
     @property
     def base(self) -> Stage:
