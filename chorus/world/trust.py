@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ from chorus.world.scene import BACKGROUNDS, COLORS, RELATIONS, WorldObject
 from chorus.world.scoring import Detection, evaluate_spec
 
 TRUST_SEED = HONESTY_SEED + 40_000  # render_spec seeds 7_040_000 + i: disjoint from the other honesty renders
-PAIR_TAGS: tuple[str, ...] = ("colors", "color_attr", "position", "counting")  # tasks with a minimal pair
 FLIP: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 assert set(FLIP) == set(RELATIONS)
 
@@ -407,10 +406,13 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return mask
 
 
-def _median3(a: np.ndarray) -> np.ndarray:
+def _median_plus(a: np.ndarray) -> np.ndarray:
+    """Per-channel median over each pixel and its four neighbours: isolated noise goes, while a
+    one-pixel gap between two objects stays (a 3×3 median would fill it from both sides)."""
     h, w = a.shape[:2]
     p = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    return np.median(np.stack([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]), axis=0)
+    taps = [p[1:1 + h, 1:1 + w], p[:h, 1:1 + w], p[2:, 1:1 + w], p[1:1 + h, :w], p[1:1 + h, 2:]]
+    return np.median(np.stack(taps), axis=0)
 
 
 _BACKGROUND = np.array(list(BACKGROUNDS.values()), np.float32).mean(0)  # the typical dark tint
@@ -419,10 +421,11 @@ _BACKGROUND = np.array(list(BACKGROUNDS.values()), np.float32).mean(0)  # the ty
 def color_components(image, tol: float = 56.0, min_area: float = 4.0, smooth: bool = True) -> dict[str, int]:
     """Per colour anchor, how many objects of that colour the image holds (shape ignored).
 
-    1. `smooth`: a 3×3 median per channel (tames sample noise, keeps edges sharp);
-    2. a pixel belongs to the nearest anchor of COLORS when within `tol` (Euclidean RGB; anchors are
-       >= 80 apart, objects jitter <= 10 per channel, every background channel is <= 68, >= 90 from
-       every anchor);
+    1. `smooth`: a 5-pixel (plus-shaped) median per channel: tames sample noise, keeps edges and gaps;
+    2. a pixel belongs to the nearest anchor of COLORS when within `tol` (Euclidean RGB). The
+       nearest anchor tells colours apart (they lie >= 80 apart; objects jitter <= 10 per channel);
+       `tol` only tells object from background (every background channel is <= 68, >= 90 from
+       every anchor), and 56 leaves room for a colour cast of 20-30 levels per channel;
     3. the *core* of a colour: its pixels whose four neighbours have that colour too. Erosion drops
        the one-pixel rings an anti-aliased edge blends into another anchor (white over the dark
        background passes through gray) and cuts the anti-aliased bridges between objects drawn
@@ -437,7 +440,7 @@ def color_components(image, tol: float = 56.0, min_area: float = 4.0, smooth: bo
     """
     a = _as_array(image)
     if smooth:
-        a = _median3(a)
+        a = _median_plus(a)
     h, w = a.shape[:2]
     d = np.linalg.norm(a[:, :, None, :] - _ANCHORS[None, None], axis=-1)  # (H, W, 10)
     nearest, ok = d.argmin(-1), d.min(-1) <= tol
