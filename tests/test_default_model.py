@@ -43,18 +43,56 @@ def test_generate_without_model_flag_uses_the_default(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png2)))
 
 
-def test_default_model_matches_diffusers_pipeline():
+def _diffusers_loadable(folder: Path) -> bool:
+    return not (folder / "conditioner.json").is_file()
+
+
+def sample_with_diffusers(folder: Path, prompts, latents, steps: int, guidance: float):
+    """The shipped model sampled by diffusers' own UNet2DConditionModel and DPMSolverMultistepScheduler.
+
+    A folder with a plain SD conditioner goes through StableDiffusionPipeline whole. The eDiff-I ensemble
+    (conditioner.json: the world CLIP + MiniLM, SDXL's sizes and crop) is a conditioner diffusers' pipelines
+    cannot express, so its embeddings come from transformers' own text encoders through Chorus's
+    conditioner, and diffusers runs everything else: the UNet, the scheduler and guidance."""
     import diffusers
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(DEFAULT), safety_checker=None,
-                                                            requires_safety_checker=False, torch_dtype=torch.float32)
-    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    kw = dict(prompt=["a red circle to the left of a blue square", "three yellow stars"], num_inference_steps=10,
-              guidance_scale=5.0)
+    if _diffusers_loadable(folder):
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
+                                                                requires_safety_checker=False,
+                                                                torch_dtype=torch.float32)
+        ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+        ref.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return ref(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
+                       output_type="latent").images
+    from chorus.pipeline import load_stage
+    stage, _ = load_stage(folder, torch.float32)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32).eval()
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sched = diffusers.DPMSolverMultistepScheduler.from_config(sched_cfg)
+    n = len(prompts)
+    inputs = {"prompt": list(prompts), "original_size": [(64, 64)] * n, "crop_top_left": [(0, 0)] * n,
+              "target_size": [(64, 64)] * n}
     with torch.no_grad():
-        theirs = ref(generator=torch.Generator().manual_seed(0), output_type="latent", **kw).images
-    ours = Pipeline.from_pretrained("default")(sampler="dpmpp_2m", generator=torch.Generator().manual_seed(0),
-                                               output_type="latent", progress=False, **kw).latents
+        c, u = stage.conditioner(inputs), stage.conditioner.unconditional(inputs)
+        both = {k: torch.cat([getattr(u, k), getattr(c, k)]) for k in ("context", "pooled", "time_ids")}
+        sched.set_timesteps(steps)
+        x = latents.clone() * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            out = unet(inp, t, encoder_hidden_states=both["context"],
+                       added_cond_kwargs={"text_embeds": both["pooled"], "time_ids": both["time_ids"]}).sample
+            out_u, out_c = out.chunk(2)
+            x = sched.step(out_u + guidance * (out_c - out_u), t, x).prev_sample
+    return x
+
+
+def test_default_model_matches_diffusers():
+    prompts = ["a red circle to the left of a blue square", "three yellow stars"]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    theirs = sample_with_diffusers(DEFAULT, prompts, latents, 10, 5.0)
+    ours = Pipeline.from_pretrained("default")(prompts, num_inference_steps=10, guidance_scale=5.0,
+                                               sampler="dpmpp_2m", latents=latents.clone(), output_type="latent",
+                                               progress=False).latents
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
 
 

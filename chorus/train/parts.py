@@ -158,9 +158,30 @@ def prepare_parts(cfg, parts: Path) -> None:
             unet = UNet.from_config(unet_cfg)
     ckpt.write_unet(unet, tmp / "unet")
     ckpt.write_json(index, tmp / "model_index.json")
+    try:
+        check_parts_fit(tmp)
+    except ChorusError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if parts.exists():
         shutil.rmtree(parts)
     os.replace(tmp, parts)
+
+
+def check_parts_fit(folder: Path) -> None:
+    """Refuse, before any training, a text encoder (or ensemble) whose widths do not fit the UNet."""
+    from chorus.conditioning import check_widths, embedder_entry, read_conditioner_spec
+    from chorus.models.io import config_from_dict
+    from chorus.models.unet import UNetConfig
+    unet_cfg = config_from_dict(UNetConfig, json.loads((folder / "unet" / "config.json").read_text()), "UNet")
+    spec = read_conditioner_spec(folder)
+    if spec is None:  # the folder's own text encoders, as the pipeline reads them
+        index = json.loads((folder / "model_index.json").read_text())
+        spec = [embedder_entry(name) for name, enc in (("text", "text_encoder"), ("text_2", "text_encoder_2"))
+                if (index.get(enc) or [None])[0] and (folder / enc).is_dir()]
+        if unet_cfg.addition_embed_type == "text_time":
+            return  # SDXL-style folders: their pooled and time-id layout is checked by the UNet's first call
+    check_widths(spec, folder, unet_cfg)
 
 
 def check_embedders(entries: list[dict], parts: Path, unet: dict | None) -> None:

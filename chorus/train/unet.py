@@ -113,9 +113,15 @@ class UNetTrainer(Trainer):
             raise ChorusError(f"{out} already holds checkpoints of a run; continue it with --resume, or give "
                               "another --out folder for a new run.")
         if d.is_main:
+            fresh = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
             if not (self.resume_from and (self.parts / "model_index.json").is_file()):
-                prepare_parts(cfg, self.parts)
+                try:
+                    prepare_parts(cfg, self.parts)
+                except ChorusError:
+                    if fresh and not any(out.iterdir()):
+                        out.rmdir()   # a refused run leaves nothing behind
+                    raise
             save_config(cfg, out / "config.json")
         D.barrier(d)
         from chorus.pipeline import load_stage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from unet_helpers import ema_weights, max_diff, raw_weights, tiny_config
+from unet_helpers import TINY_UNET, ema_weights, max_diff, raw_weights, tiny_config
 
 from chorus.errors import ChorusError
 from chorus.train.data import Order, WorldSource, conditioner_inputs, local_positions
@@ -272,3 +272,15 @@ def test_a_recipe_trains_its_stages_in_order_each_on_the_last(sd_folder, tmp_pat
 TINY_UNET_GROWN = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
                        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"unet": dict(TINY_UNET, cross_attention_dim=48)}, "cross_attention_dim"),
+    ({"embedders": ["text", "t5"]}, "Valid names are"),
+    ({"descriptive_captions": 2.0}, "descriptive_captions"),
+])
+def test_a_conditioner_that_does_not_fit_is_refused_and_nothing_is_written(sd_folder, tmp_path, change, match):
+    out = tmp_path / "run"
+    with pytest.raises(ChorusError, match=match):
+        train_unet(tiny_config(sd_folder, **change), out, progress=False)
+    assert not out.exists()
