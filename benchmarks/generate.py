@@ -36,7 +36,13 @@ def prompts(n: int) -> list[str]:
 def load_both(folder: str):
     import diffusers
 
-    from chorus.pipeline import Pipeline
+    from chorus.errors import ChorusError
+    from chorus.pipeline import Pipeline, default_model_path
+    root = default_model_path() if folder == "default" else os.path.abspath(folder)
+    if os.path.isfile(os.path.join(root, "conditioner.json")):
+        raise ChorusError(f"{root} holds a conditioner diffusers' pipelines cannot express (conditioner.json: an "
+                          "ensemble of text encoders); diffusers cannot load it whole, so there is no peer to time. "
+                          "Give --model a plain SD folder (e.g. the stage-2 model, runs/default/stage-2/model).")
     ours = Pipeline.from_pretrained(folder)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
                                                             torch_dtype=torch.float32)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from chorus.errors import ChorusError
+from chorus.formats.lora import TAG as LORA_TAG
 from chorus.models.io import atomic_write, read_json
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
@@ -25,6 +26,10 @@ def register(sub) -> None:
     p.add_argument("--controlnet", default=None, help="a ControlNet folder (a control of the UNet)")
     p.add_argument("--control-image", default=None, help="the condition image for --controlnet (edges, layout, …)")
     p.add_argument("--control-scale", type=float, default=None, help="ControlNet conditioning scale (1.0)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (.safetensors, kohya or diffusers format) at WEIGHT (1.0); repeatable")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where <lora:NAME:WEIGHT> prompt tags find NAME.safetensors (also looked for beside the model)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (20)")
     p.add_argument("--sampler", default=None, help="sampler (dpmpp_2m); see `chorus generate --list-samplers`")
@@ -77,6 +82,17 @@ def parse_pair(text, flag: str, sep: str, form: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def parse_lora_flag(text: str) -> tuple[str, float]:
+    """--lora FILE[:WEIGHT] → (FILE, WEIGHT); a FILE with ':' in it (C:\\…) keeps it."""
+    path, sep, weight = str(text).rpartition(":")
+    if not sep or ("/" in weight or "\\" in weight) or not weight.strip():
+        return str(text), 1.0
+    try:
+        return path, float(weight)
+    except ValueError:
+        raise ChorusError(f"--lora takes FILE[:WEIGHT] with a number as WEIGHT, got {text!r}.") from None
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "image"
 
@@ -105,7 +121,8 @@ def run_generate(args) -> int:
         return 0
     settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
                 "guidance": 5.0, "size": None, "model": "default", "refiner": None, "controlnet": None,
-                "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None}
+                "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None, "lora": [],
+                "lora_dir": None}
     n = args.n
     if args.from_png:
         settings.update(read_png_settings(args.from_png))
@@ -115,7 +132,7 @@ def run_generate(args) -> int:
                        ("size", args.size), ("model", args.model), ("refiner", args.refiner),
                        ("controlnet", args.controlnet), ("control_image", args.control_image),
                        ("control_scale", args.control_scale), ("original_size", args.original_size),
-                       ("crop", args.crop)):
+                       ("crop", args.crop), ("lora", args.lora), ("lora_dir", args.lora_dir)):
         if value is not None:
             settings[key] = value
     if not settings["prompt"]:
@@ -127,6 +144,7 @@ def run_generate(args) -> int:
     original = parse_pair(settings["original_size"], "--original-size", "x", "HxW, e.g. 64x64") \
         if settings["original_size"] else None
     crop = parse_pair(settings["crop"], "--crop", ",", "TOP,LEFT, e.g. 0,0") if settings["crop"] else None
+    loras = [parse_lora_flag(t) for t in settings["lora"] or []]
 
     import torch
     from chorus.pipeline import Pipeline
@@ -141,6 +159,10 @@ def run_generate(args) -> int:
             raise ChorusError(f"Cannot read the control image {settings['control_image']} ({e}).") from None
     pipe = Pipeline.from_pretrained(settings["model"], refiner=settings["refiner"], switch_at=args.switch_at,
                                     controlnet=settings["controlnet"])
+    for path, weight in loras:
+        pipe.load_lora(path, weight)
+    if settings["lora_dir"]:
+        pipe.lora_dirs = [settings["lora_dir"]]
     h, w = size or (pipe.default_size, pipe.default_size)
     settings["size"] = f"{h}x{w}"
     seed = int(settings["seed"])
@@ -156,7 +178,7 @@ def run_generate(args) -> int:
             print(f"note: {note}", file=sys.stderr)
         image = out.images[0]
         s = dict(settings, seed=seed + i)
-        path = _free_path(folder, f"{seed + i:06d}-{_slug(s['prompt'])}")
+        path = _free_path(folder, f"{seed + i:06d}-{_slug(LORA_TAG.sub(' ', s['prompt']))}")
         _save_png(image, path, s)
         print(path)
         if args.from_png:

@@ -30,6 +30,7 @@ from chorus.conditioning import (Conditioner, Conditioning, NumberEmbedder, Text
                                  check_widths, read_conditioner_spec)
 from chorus.errors import ChorusError
 from chorus.experts import Expert, ExpertEnsemble
+from chorus.formats.lora import prompt_lora_tags
 from chorus.models.io import read_json
 from chorus.schedule import NoiseSchedule
 
@@ -136,6 +137,8 @@ class Pipeline:
 
     def __init__(self, vae, experts: ExpertEnsemble, scheduler_config: dict, name: str = ""):
         self.vae, self.experts, self.scheduler_config, self.name = vae, experts, dict(scheduler_config), name
+        self.lora_dirs: list = []   # where <lora:NAME:W> prompt tags look first (then beside the model)
+        self._loras = None
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -176,6 +179,32 @@ class Pipeline:
         return pipeline_from_single_file(cls, path, prediction_type=prediction_type, tokenizer=tokenizer,
                                          refiner=refiner, switch_at=switch_at, controlnet=controlnet,
                                          torch_dtype=torch_dtype, config=config)
+
+    # --- LoRA (chorus.formats.lora) ----------------------------------------------------------------
+    @property
+    def loras(self):
+        """The LoRAs merged into the base expert's UNet and text encoders (a LoRAStack)."""
+        if getattr(self, "_loras", None) is None:
+            from chorus.formats.lora import LoRAStack
+            self._loras = LoRAStack(self.base, model=f"the model {self.name}" if self.name else "this model")
+        return self._loras
+
+    def load_lora(self, path, scale: float = 1.0, text_scale: float | None = None, name: str | None = None) -> str:
+        """Merge a kohya or diffusers/peft LoRA (.safetensors) into the weights at `scale` (UNet) and
+        `text_scale` (text encoders; default `scale`); several add up. Returns its name."""
+        return self.loras.load(path, scale, text_scale, name=name)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Merge every loaded LoRA again, all scaled by lora_scale (from the kept original weights)."""
+        self.loras.fuse(lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """Restore the original weights exactly; the LoRAs stay loaded (fuse_lora applies them again)."""
+        self.loras.unfuse()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Forget one LoRA (or all) and restore the weights."""
+        self.loras.unload(name)
 
     @property
     def base(self) -> Stage:
@@ -258,6 +287,7 @@ class Pipeline:
 
         return S.Denoiser(net, stage.schedule, stage.prediction_type, sigmas=sigmas, timesteps=timesteps)
 
+    @prompt_lora_tags
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt=None, num_inference_steps: int = 20,
                  guidance_scale: float = 5.0, guidance_rescale: float = 0.0, height: int | None = None,
@@ -271,7 +301,8 @@ class Pipeline:
                  aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, control_image=None, controlnet_conditioning_scale: float = 1.0,
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True) -> PipelineOutput:
-        """Generate images; argument names follow diffusers' StableDiffusion(XL)Pipeline."""
+        """Generate images; argument names follow diffusers' StableDiffusion(XL)Pipeline. A1111's
+        `<lora:NAME:W>` tags in the prompt apply that LoRA for this call only (see chorus.formats.lora)."""
         height = height or self.default_size
         width = width or self.default_size
         self._check(num_inference_steps, guidance_scale, height, width, strength)

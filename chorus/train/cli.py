@@ -3,6 +3,7 @@
     chorus train --preset tiny --out runs/tiny                 VAE → text encoder → UNet, minutes
     chorus train --preset default --out runs/default           the shipped model's recipe (3 UNet stages)
     chorus train --part unet --base MODEL --data DIR --out runs/ft --steps 2000
+    chorus train --part lora --base default --rank 4 --out runs/lora      a LoRA (OUT/lora.safetensors)
     chorus train --out runs/default --resume                   continue after an interruption (even kill -9)
     torchrun --nproc_per_node 2 -m chorus train --preset tiny --part unet --base MODEL --out runs/ddp
 """
@@ -28,8 +29,11 @@ def register(subparsers) -> None:
                         "default-scratch (the one-stage recipe from scratch)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a JSON config: a recipe {\"vae\": {...}, \"text\": {...}, \"unet\": {...}} or UNet fields")
-    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "all"],
-                   help="which part to train (default: all, or unet when --base is given)")
+    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "lora", "all"],
+                   help="which part to train (default: all, or unet when --base is given); lora: a LoRA on the "
+                        "frozen --base UNet, written to OUT/lora.safetensors (chorus.train.lora)")
+    p.add_argument("--rank", type=int, default=None, help="--part lora: the LoRA's rank (4)")
+    p.add_argument("--alpha", type=float, default=None, help="--part lora: the LoRA's alpha (default: the rank)")
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of the part trained (UNet for all)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
@@ -130,6 +134,9 @@ def run_train(args) -> int:
     from chorus.train.recipe import run_recipe
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part == "lora":
+        from chorus.train.lora import run_from_args
+        return run_from_args(args)
     recipe, parts, out = resolve(args)
     if args.print_config:
         print(json.dumps({"vae": recipe.vae, "text": recipe.text, "unet": to_dict(recipe.unet),
