@@ -92,20 +92,29 @@ class TextEmbedder(Embedder):
     SDXL. pooled=True also returns the pooled vector (CLIPTextModelWithProjection's `text_embeds`,
     else `pooler_output`). zero_for_empty: an empty negative prompt gives a zero embedding (SDXL's
     `force_zeros_for_empty_prompt`); otherwise the empty string is encoded (SD 1.x).
-    A prompt longer than the encoder's window is truncated and what was cut is reported.
+    clip_skip: A1111's numbering; 1 = the layer `layer` names, N = N−1 layers below it (chorus.prompting).
+
+    prompt_syntax=False (the default, what training uses): the prompt is read literally and a prompt
+    longer than the encoder's window is truncated, what was cut reported. prompt_syntax=True (every
+    pipeline call turns it on, see chorus.prompting): A1111's emphasis `(word:1.2)`, `[word]`, long
+    prompts as several windows concatenated on the sequence axis, `BREAK`; `chunks` (set per call by
+    the pipeline) is the number of windows every prompt is padded (or, past it, truncated) to. A plain
+    prompt that fits the window gives bit for bit the same embedding either way.
     """
 
     input_key = "prompt"
+    can_chunk = True   # CLIP-style: BOS … EOS windows, no attention mask
 
     def __init__(self, tokenizer, encoder: nn.Module, layer: str = "last", pooled: bool = False,
                  context: bool = True, zero_for_empty: bool = False, max_length: int | None = None,
-                 dropout: float = 0.0, name: str = "text"):
+                 dropout: float = 0.0, name: str = "text", clip_skip: int = 1, prompt_syntax: bool = False):
         super().__init__(dropout)
         if layer not in ("last", "penultimate"):
             raise ChorusError(f"TextEmbedder layer must be 'last' or 'penultimate', not {layer!r}.")
         self.tokenizer, self.encoder, self.layer = tokenizer, encoder, layer
         self.pooled, self.context, self.zero_for_empty, self.name = pooled, context, zero_for_empty, name
         self.max_length = max_length or getattr(tokenizer, "model_max_length", 77)
+        self.clip_skip, self.prompt_syntax, self.chunks = clip_skip, prompt_syntax, None
         self.notes: list[str] = []
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -116,22 +125,116 @@ class TextEmbedder(Embedder):
             ids = self.tokenizer(p, truncation=False).input_ids  # [BOS, …, EOS], unpadded
             if len(ids) > self.max_length:
                 cut = self.tokenizer.decode(ids[self.max_length - 1:-1], skip_special_tokens=True).strip()
-                note = (f"prompt {i} is longer than the {self.name} encoder's window of {self.max_length} "
-                        f"tokens; this part was cut: {cut!r}")
-                self.notes.append(note)
-                warnings.warn(note, stacklevel=3)
+                self._note_cut(i, cut)
         return tok.input_ids
 
+    def _note_cut(self, i: int, cut: str) -> None:
+        note = (f"prompt {i} is longer than the {self.name} encoder's window of {self.max_length} "
+                f"tokens; this part was cut: {cut!r}")
+        self.notes.append(note)
+        warnings.warn(note, stacklevel=4)
+
+    # --- A1111's syntax (chorus.prompting) ---------------------------------------------------------
+    def _specials(self) -> tuple[int, int, int, int | None]:
+        """(start, end, pad, comma) token ids: BOS/EOS (CLS/SEP) as the tokenizer wraps a text."""
+        wrapped = self.tokenizer("", add_special_tokens=True).input_ids
+        if len(wrapped) != 2:
+            raise ChorusError(f"The {self.name} tokenizer does not wrap a text in one start and one end token; "
+                              "A1111's prompt syntax cannot be used with it (prompt_syntax='plain').")
+        pad = self.tokenizer.pad_token_id
+        comma = self.tokenizer(",", add_special_tokens=False).input_ids
+        return wrapped[0], wrapped[1], wrapped[1] if pad is None else pad, comma[0] if len(comma) == 1 else None
+
+    def _window(self, tokens: list[int], weights: list[float], specials) -> tuple[list[int], list[float]]:
+        """One window: [start] + tokens + [end] + padding (A1111: EOS, then the pad id after the first EOS)."""
+        start, end, pad, _ = specials
+        fill = self.max_length - 2 - len(tokens)
+        return [start, *tokens, end] + [pad] * fill, [1.0, *weights, 1.0] + [1.0] * fill
+
+    def prompt_chunks(self, prompt: str, specials=None) -> list[tuple[list[int], list[float]]]:
+        """A prompt as A1111 reads it: windows of (token ids, weights), each max_length long."""
+        from chorus.prompting import build_chunks, weighted_pieces
+        specials = specials or self._specials()
+        pieces = weighted_pieces(self.tokenizer, prompt)
+        return [self._window(t, w, specials) for t, w in build_chunks(pieces, self.max_length - 2, specials[3])]
+
+    def count_chunks(self, prompts: Sequence[str]) -> int:
+        specials = self._specials()
+        return max(len(self.prompt_chunks(p, specials)) for p in prompts)
+
+    def _select(self, out) -> torch.Tensor:
+        """The context layer after clip skip (A1111's numbering; chorus.prompting)."""
+        n = int(self.clip_skip or 1)
+        hidden = out.hidden_states
+        if self.layer == "last":
+            if n == 1:
+                return out.last_hidden_state
+            if n > len(hidden) - 1:
+                raise ChorusError(f"clip skip {n} is more than the {self.name} encoder's {len(hidden) - 1} layers "
+                                  f"allow (1–{len(hidden) - 1}).")
+            # transformers 5's CLIPTextModel holds final_layer_norm itself; WithProjection (and 4.x) in text_model
+            norm = getattr(self.encoder, "final_layer_norm", None)
+            if norm is None:
+                norm = getattr(getattr(self.encoder, "text_model", None), "final_layer_norm", None)
+            if norm is None:
+                raise ChorusError(f"clip skip needs a CLIP text encoder (with text_model.final_layer_norm); the "
+                                  f"{self.name} encoder is a {type(self.encoder).__name__}.")
+            return norm(hidden[-n])
+        if n + 1 > len(hidden) - 1:
+            raise ChorusError(f"clip skip {n} is more than the {self.name} encoder's {len(hidden) - 1} layers allow "
+                              f"with SDXL's penultimate layer (1–{len(hidden) - 2}).")
+        return hidden[-(n + 1)]
+
+    def _pooled(self, out) -> torch.Tensor:
+        pooled = getattr(out, "text_embeds", None)
+        return pooled if pooled is not None else out.pooler_output
+
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.prompt_syntax:
+            return self._encode_a1111(prompts)
         device = next(self.encoder.parameters()).device
         ids = self.tokenize(prompts).to(device)
         out = self.encoder(ids, output_hidden_states=True)
         result = {}
         if self.context:
-            result["context"] = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+            result["context"] = self._select(out)
         if self.pooled:
-            pooled = getattr(out, "text_embeds", None)
-            result["pooled"] = pooled if pooled is not None else out.pooler_output
+            result["pooled"] = self._pooled(out)
+        return result
+
+    def _encode_a1111(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Emphasis, windows concatenated on the sequence axis, BREAK; the pooled vector of the first window."""
+        from chorus.prompting import emphasize, weighted_pieces
+        device = next(self.encoder.parameters()).device
+        specials = self._specials()
+        rows = [self.prompt_chunks(p, specials) for p in prompts]
+        n = self.chunks or max(len(r) for r in rows)
+        for i, r in enumerate(rows):
+            if len(r) > n:   # only when the pipeline asks for fewer windows (a stage that cannot chunk)
+                cut = [t for ids, _ in r[n:] for t in ids if t not in specials[:3]]
+                self._note_cut(i, self.tokenizer.decode(cut, skip_special_tokens=True).strip())
+                rows[i] = r[:n]
+            elif len(r) > 1:
+                tokens = sum(len(piece[0]) for piece in weighted_pieces(self.tokenizer, prompts[i]) if piece)
+                why = "BREAK" if tokens <= self.max_length - 2 else \
+                    f"{tokens} tokens, longer than the {self.name} encoder's window of {self.max_length}"
+                self.notes.append(f"prompt {i} is encoded as {len(r)} windows of up to {self.max_length - 2} tokens "
+                                  f"concatenated on the sequence axis ({why}; A1111's rule)")
+        empty = self._window([], [], specials)
+        contexts, pooled = [], None
+        for c in range(n if self.context else 1):
+            batch = [r[c] if c < len(r) else empty for r in rows]
+            ids = torch.tensor([b[0] for b in batch], dtype=torch.long, device=device)
+            out = self.encoder(ids, output_hidden_states=True)
+            if self.context:
+                contexts.append(emphasize(self._select(out), torch.tensor([b[1] for b in batch])))
+            if c == 0 and self.pooled:
+                pooled = self._pooled(out)
+        result = {}
+        if self.context:
+            result["context"] = contexts[0] if len(contexts) == 1 else torch.cat(contexts, 1)
+        if self.pooled:
+            result["pooled"] = pooled
         return result
 
     def forward(self, values):
@@ -257,16 +360,45 @@ class MeanPooledTextEmbedder(TextEmbedder):
     """A BERT-style sentence encoder: context = last hidden state, pooled = normalised mean over real tokens.
 
     pooled = (sum_i m_i h_i / sum_i m_i) / |...|, m the attention mask (sentence-transformers' mean pooling).
+    With prompt_syntax on it reads A1111's emphasis (weights on the context; the pooled vector is the
+    unweighted mean) but does not chunk: a long prompt is truncated to the window, as without it.
+    Clip skip does not apply (it is not a CLIP).
     """
 
+    can_chunk = False
+
+    def _ids_a1111(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from chorus.prompting import weighted_pieces
+        specials = self._specials()
+        ids, weights = [], []
+        for i, p in enumerate(prompts):
+            toks, ws = [], []
+            for piece in weighted_pieces(self.tokenizer, p):
+                if piece is not None:   # BREAK: no windows to break here
+                    toks += piece[0]
+                    ws += [piece[1]] * len(piece[0])
+            room = self.max_length - 2
+            if len(toks) > room:
+                self._note_cut(i, self.tokenizer.decode(toks[room:], skip_special_tokens=True).strip())
+                toks, ws = toks[:room], ws[:room]
+            t, w = self._window(toks, ws, specials)
+            ids.append(t)
+            weights.append(w)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(weights)
+
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        from chorus.prompting import emphasize
         device = next(self.encoder.parameters()).device
-        ids = self.tokenize(prompts).to(device)
+        if self.prompt_syntax:
+            ids, weights = self._ids_a1111(prompts)
+            ids = ids.to(device)
+        else:
+            ids, weights = self.tokenize(prompts).to(device), None
         mask = (ids != self.tokenizer.pad_token_id).long()  # (B, L)
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, 384)
         result = {}
         if self.context:
-            result["context"] = h
+            result["context"] = h if weights is None else emphasize(h, weights)
         if self.pooled:
             m = mask[..., None].to(h.dtype)
             result["pooled"] = F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)

@@ -12,13 +12,17 @@ from chorus.models.io import atomic_write, read_json
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
 SETTINGS = ("prompt", "negative", "seed", "steps", "sampler", "guidance", "size", "model")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="make images from a prompt",
                        description="Generate images from a text prompt with a diffusers-format model folder "
-                                   "(default: the model that ships with Chorus). Each PNG carries its settings "
-                                   "in PNG text chunks; --from-png re-creates one exactly.")
+                                   "(default: the model that ships with Chorus). Prompts are read as A1111 reads "
+                                   "them: (word:1.2), (word), [word], long prompts in 75-token windows, BREAK. "
+                                   "Each PNG carries its settings in PNG text chunks (Chorus's and A1111's "
+                                   "`parameters`); --from-png re-creates one exactly, and reads a PNG that has "
+                                   "only A1111's chunk too.")
     p.add_argument("prompt", nargs="?", help="the text prompt")
     p.add_argument("--model", default=None, help="model folder, or 'default' (the shipped model)")
     p.add_argument("--refiner", default=None, help="an SDXL refiner folder: a second expert for the last steps")
@@ -41,8 +45,16 @@ def register(sub) -> None:
                    help="SDXL micro-conditioning: the original size to condition on (default: the output size)")
     p.add_argument("--crop", default=None, metavar="TOP,LEFT",
                    help="SDXL micro-conditioning: the crop corner to condition on (default 0,0)")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="A1111's clip skip: 1 = the text encoder's last layer (default), 2 = the one below it "
+                        "(diffusers' clip_skip is N-1)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
+                   help="precision of the models: fp32 (default), fp16 or bf16 (fp16 VAEs decode in fp32 when "
+                        "their config says force_upcast)")
     p.add_argument("--out", default="outputs", help="output folder (outputs/)")
-    p.add_argument("--from-png", default=None, metavar="FILE", help="re-create the image FILE from its settings")
+    p.add_argument("--from-png", default=None, metavar="FILE",
+                   help="re-create the image FILE from its settings (Chorus's chunk, or else A1111's `parameters`)")
     p.add_argument("--list-samplers", action="store_true", help="list the samplers and exit")
     p.set_defaults(func=run_generate)
 
@@ -62,16 +74,57 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def read_png_settings(path: str) -> dict:
+    """The settings a PNG carries: Chorus's `chorus` chunk, or else those of A1111's `parameters` chunk."""
+    return read_png(path)[0]
+
+
+def read_png(path: str) -> tuple[dict, str, list[str]]:
+    """(settings, source 'chorus' | 'parameters', what of A1111's infotext could not be applied)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             text = dict(getattr(im, "text", {}) or {})
     except (OSError, ValueError) as e:
         raise ChorusError(f"Cannot read {path} as a PNG ({e}).") from None
-    if "chorus" not in text:
-        raise ChorusError(f"{path} carries no Chorus settings (no 'chorus' PNG text chunk); it was not made by "
-                          "`chorus generate`.")
-    return json.loads(text["chorus"])
+    if "chorus" in text:
+        try:
+            return json.loads(text["chorus"]), "chorus", []
+        except ValueError as e:
+            raise ChorusError(f"The 'chorus' PNG text chunk of {path} is not valid JSON ({e}).") from None
+    if text.get("parameters", "").strip():
+        settings, unmapped = settings_from_parameters(text["parameters"])
+        return settings, "parameters", unmapped
+    raise ChorusError(f"{path} carries no generation settings: neither Chorus's 'chorus' PNG text chunk nor "
+                      "A1111's 'parameters' chunk.")
+
+
+def settings_from_parameters(info: str) -> tuple[dict, list[str]]:
+    """A1111's infotext → Chorus settings (prompt, negative, steps, sampler, CFG scale, seed, size, clip skip,
+    Karras schedule) and the fields that were not applied. A1111's Size is WxH, Chorus's size HxW."""
+    from chorus.serve.metadata import parse_infotext, settings_from_a1111
+    params = parse_infotext(info)
+    form, unmapped = settings_from_a1111(params)
+    settings: dict = {"prompt": form.get("prompt") or None, "negative": form.get("negative") or None}
+    for key in ("steps", "seed", "guidance"):
+        if form.get(key) is not None:
+            settings[key] = form[key]
+    if "Sampler" in params:
+        settings["sampler"] = form.get("sampler")   # None: not a Chorus sampler (unmapped names it)
+    if form.get("karras") is not None:
+        settings["karras"] = form["karras"]
+    if form.get("width") and form.get("height"):
+        settings["size"] = f"{form['height']}x{form['width']}"
+    if "Clip skip" in params:
+        try:
+            settings["clip_skip"] = int(params["Clip skip"])
+            unmapped = [u for u in unmapped if u != "Clip skip"]
+        except ValueError:
+            pass
+    if params.get("Model"):
+        unmapped.append(f"Model: {params['Model']} (pass --model)")
+    if "Denoising strength" in params:
+        unmapped.append("Denoising strength (an img2img or hires-fix pass; chorus generate is text-to-image)")
+    return settings, unmapped
 
 
 def parse_pair(text, flag: str, sep: str, form: str) -> tuple[int, int]:
@@ -98,11 +151,15 @@ def _slug(text: str) -> str:
 
 
 def _save_png(image, path: Path, settings: dict) -> None:
+    """Chorus's chunks (one per setting, and all of them as JSON) and A1111's `parameters` infotext."""
     from PIL.PngImagePlugin import PngInfo
+
+    from chorus.serve.metadata import infotext
     info = PngInfo()
     for k in SETTINGS:
         info.add_text(k, "" if settings.get(k) is None else str(settings[k]))
     info.add_text("chorus", json.dumps(settings, sort_keys=True))
+    info.add_itxt("parameters", infotext(settings, Path(str(settings.get("model") or "default")).stem))
     atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))
 
 
@@ -122,24 +179,41 @@ def run_generate(args) -> int:
     settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
                 "guidance": 5.0, "size": None, "model": "default", "refiner": None, "controlnet": None,
                 "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None, "lora": [],
-                "lora_dir": None}
+                "lora_dir": None, "clip_skip": 1, "karras": None, "device": "cpu", "dtype": "fp32"}
     n = args.n
+    source = None
     if args.from_png:
-        settings.update(read_png_settings(args.from_png))
+        read, source, unmapped = read_png(args.from_png)
+        settings.update(read)
         n = 1
+        if unmapped:
+            print(f"note: these settings of {args.from_png}'s A1111 parameters were not applied: "
+                  f"{', '.join(unmapped)}", file=sys.stderr)
     for key, value in (("prompt", args.prompt), ("negative", args.negative), ("seed", args.seed),
                        ("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance),
                        ("size", args.size), ("model", args.model), ("refiner", args.refiner),
                        ("controlnet", args.controlnet), ("control_image", args.control_image),
                        ("control_scale", args.control_scale), ("original_size", args.original_size),
-                       ("crop", args.crop), ("lora", args.lora), ("lora_dir", args.lora_dir)):
+                       ("crop", args.crop), ("lora", args.lora), ("lora_dir", args.lora_dir),
+                       ("clip_skip", args.clip_skip), ("device", args.device), ("dtype", args.dtype)):
         if value is not None:
             settings[key] = value
     if not settings["prompt"]:
         raise ChorusError("Give a prompt, e.g. chorus generate \"a red circle to the left of a blue square\".")
     if n < 1:
         raise ChorusError(f"--n must be at least 1, got {n}.")
+    if settings["sampler"] is None:
+        raise ChorusError(f"The sampler of {args.from_png} is not one Chorus has; pick one with --sampler "
+                          f"({', '.join(sorted(samplers.SAMPLERS))}).")
     samplers.get_sampler(settings["sampler"])  # fail before loading the model
+    clip_skip = settings["clip_skip"]
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ChorusError(f"--clip-skip must be a whole number ≥ 1 (1 = the last layer), got {clip_skip!r}.")
+    from chorus.devices import resolve_device, resolve_dtype
+    device = resolve_device(settings["device"])   # before loading: an absent GPU is one clear error
+    if settings["dtype"] not in DTYPE_NAMES:
+        raise ChorusError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {settings['dtype']!r}.")
+    dtype = resolve_dtype(settings["dtype"])
     size = parse_size(str(settings["size"])) if settings["size"] else None
     original = parse_pair(settings["original_size"], "--original-size", "x", "HxW, e.g. 64x64") \
         if settings["original_size"] else None
@@ -163,6 +237,7 @@ def run_generate(args) -> int:
         pipe.load_lora(path, weight)
     if settings["lora_dir"]:
         pipe.lora_dirs = [settings["lora_dir"]]
+    pipe.to(device=device, dtype=dtype)
     h, w = size or (pipe.default_size, pipe.default_size)
     settings["size"] = f"{h}x{w}"
     seed = int(settings["seed"])
@@ -173,7 +248,7 @@ def run_generate(args) -> int:
                    guidance_scale=float(settings["guidance"]), height=h, width=w,
                    generator=torch.Generator("cpu").manual_seed(seed + i), sampler=settings["sampler"],
                    control_image=control, controlnet_conditioning_scale=float(settings["control_scale"]),
-                   original_size=original, crop_top_left=crop)
+                   original_size=original, crop_top_left=crop, clip_skip=clip_skip, karras=settings["karras"])
         for note in out.notes if i == 0 else ():
             print(f"note: {note}", file=sys.stderr)
         image = out.images[0]
@@ -186,7 +261,9 @@ def run_generate(args) -> int:
             from PIL import Image
             with Image.open(args.from_png) as ref:
                 same = np.array_equal(np.asarray(ref.convert("RGB")), np.asarray(image))
-            print(f"{'identical to' if same else 'DIFFERS from'} {args.from_png}")
+            why = "" if same or source == "chorus" else \
+                " (re-made from its A1111 parameters: A1111's noise and samplers are not Chorus's)"
+            print(f"{'identical to' if same else 'DIFFERS from'} {args.from_png}{why}")
     return 0
 
 

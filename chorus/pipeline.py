@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +33,7 @@ from chorus.errors import ChorusError
 from chorus.experts import Expert, ExpertEnsemble
 from chorus.formats.lora import prompt_lora_tags
 from chorus.models.io import read_json
+from chorus.prompting import prompt_settings
 from chorus.schedule import NoiseSchedule
 
 
@@ -239,11 +241,18 @@ class Pipeline:
 
     def encode_prompt(self, stage: Stage, prompts: list[str], negative: list[str] | None, micro: dict,
                       guidance: bool, n_per_prompt: int, prompt_embeds=None, negative_prompt_embeds=None,
-                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> tuple[Conditioning, Conditioning | None]:
-        """Conditional and unconditional conditioning, each repeated n_per_prompt times (prompt-major)."""
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip: int | None = None,
+                      prompt_syntax: str = "a1111") -> tuple[Conditioning, Conditioning | None]:
+        """Conditional and unconditional conditioning, each repeated n_per_prompt times (prompt-major).
+
+        prompt_syntax="a1111" (A1111's emphasis, long prompts in windows, BREAK; chorus.prompting) or
+        "plain" (the prompt read literally and truncated, as diffusers does); clip_skip: A1111's numbering."""
         dtype, device = stage.unet.dtype, stage.unet.device
         inputs = {"prompt": prompts, **micro}
-        with torch.no_grad():
+        texts = (list(prompts) if prompt_embeds is None else []) + (list(negative) if negative is not None else [""])
+        given = [t.shape[1] for t in (prompt_embeds, negative_prompt_embeds) if t is not None]
+        with torch.no_grad(), prompt_settings(stage.conditioner, texts, prompt_syntax, clip_skip,
+                                              max(given) if given else None):
             if prompt_embeds is not None:
                 cond = stage.conditioner(inputs, dtype=dtype, device=device, text=False)
                 cond.context, cond.pooled = prompt_embeds.to(device, dtype), _opt(pooled_prompt_embeds, device, dtype)
@@ -261,6 +270,11 @@ class Pipeline:
                     uncond = stage.conditioner.unconditional(inputs, None, dtype=dtype, device=device)
                 else:
                     uncond = stage.conditioner.unconditional(inputs, negative, dtype=dtype, device=device)
+        if uncond is not None and cond.context is not None and uncond.context is not None \
+                and cond.context.shape[1] != uncond.context.shape[1]:
+            raise ChorusError(f"The prompt's context is {cond.context.shape[1]} tokens long but the negative's is "
+                              f"{uncond.context.shape[1]}; give prompt_embeds and negative_prompt_embeds of the same "
+                              "length (or a negative prompt as text, which is padded to the prompt's windows).")
         rep = lambda t: t.repeat_interleave(n_per_prompt, 0)  # noqa: E731
         return cond.map(rep), (uncond.map(rep) if uncond is not None else None)
 
@@ -300,9 +314,16 @@ class Pipeline:
                  original_size=None, crop_top_left=None, target_size=None, crops_coords_top_left=None,
                  aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, control_image=None, controlnet_conditioning_scale: float = 1.0,
+                 clip_skip: int | None = None, prompt_syntax: str = "a1111",
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True) -> PipelineOutput:
         """Generate images; argument names follow diffusers' StableDiffusion(XL)Pipeline. A1111's
-        `<lora:NAME:W>` tags in the prompt apply that LoRA for this call only (see chorus.formats.lora)."""
+        `<lora:NAME:W>` tags in the prompt apply that LoRA for this call only (see chorus.formats.lora).
+
+        Prompts are read as A1111 reads them (chorus.prompting): `(word:1.2)`, `(word)`, `[word]`, prompts
+        longer than the encoder's window in several windows, `BREAK`; prompt_syntax="plain" reads them
+        literally and truncates, as diffusers does (a prompt without any of it gives the same embedding
+        either way). clip_skip uses A1111's numbering (1 = the last layer, 2 = the one below it), which is
+        diffusers' clip_skip + 1."""
         height = height or self.default_size
         width = width or self.default_size
         self._check(num_inference_steps, guidance_scale, height, width, strength)
@@ -364,7 +385,7 @@ class Pipeline:
             stage: Stage = expert.model
             conds[expert.name] = self.encode_prompt(stage, prompts, negative, micro, guidance, num_images_per_prompt,
                                                     prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                                    negative_pooled_prompt_embeds)
+                                                    negative_pooled_prompt_embeds, clip_skip, prompt_syntax)
             notes += conds[expert.name][0].notes
 
         def make_denoiser(expert: Expert):
@@ -397,25 +418,77 @@ class Pipeline:
         z = S.final_latents(x, sigmas, sampler)
         if output_type == "latent":
             return PipelineOutput(images=[], latents=z, notes=notes)
-        images = self.decode(z)
+        images = self.decode(z, notes)
         return PipelineOutput(images=_to_pil(images) if output_type == "pil" else images, latents=z, notes=notes)
 
+    # --- devices and precision ---------------------------------------------------------------------
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        """Move (and/or cast) every expert's UNet, its conditioner's encoders and its ControlNets, and the
+        VAE; device 'cpu' | 'cuda[:N]' | 'mps' (refused when absent), dtype fp32 | fp16 | bf16 (names or
+        torch dtypes). Returns the pipeline. Seeded noise is still drawn on the CPU, so a seed means the
+        same noise everywhere; an fp16 VAE decodes in fp32 when its config says force_upcast (diffusers)."""
+        from chorus.devices import resolve_device, resolve_dtype
+        kw = {}
+        if device is not None:
+            kw["device"] = resolve_device(device)
+        if dtype is not None:
+            kw["dtype"] = resolve_dtype(dtype)
+        if not kw:
+            return self
+        for expert in self.experts:
+            stage: Stage = expert.model
+            stage.unet.to(**kw)
+            stage.conditioner.to(**kw)
+            for control in stage.controls:
+                control.to(**kw)
+        self.vae.to(**kw)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.unet.dtype
+
     # --- VAE -------------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _vae_needs_upcast(self) -> bool:
+        return self.vae.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+
+    def _vae_in(self, dtype):
+        """Run the VAE in `dtype` for one call (diffusers' upcast_vae: to fp32 and back; fp16 → fp32 → fp16
+        is exact, so the weights come back unchanged)."""
+        return _cast_for_call(self.vae, dtype)
+
+    def decode(self, z: torch.Tensor, notes: list | None = None) -> torch.Tensor:
+        """Latents → images in [-1, 1]. An fp16 VAE with force_upcast decodes in fp32 (diffusers); a half-precision
+        decode that still gives NaN or inf is done again in fp32 (A1111's automatic --no-half-vae)."""
         cfg = self.vae.config
-        z = z.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return self.vae.decode(z).float()
+        dtype = torch.float32 if self._vae_needs_upcast() else self.vae.dtype
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        with self._vae_in(dtype):
+            images = self.vae.decode(z.to(self.vae.device, dtype) / cfg.scaling_factor + shift).float()
+        if dtype != torch.float32 and not bool(torch.isfinite(images).all()):
+            with self._vae_in(torch.float32):
+                images = self.vae.decode(z.to(self.vae.device, torch.float32) / cfg.scaling_factor + shift).float()
+            if notes is not None:
+                notes.append(f"the {str(dtype).replace('torch.', '')} VAE decode gave NaN/inf; decoded again in "
+                             "float32 (set force_upcast in the VAE's config.json to do so at once)")
+        return images
 
     def encode_image(self, image, batch: int, gens) -> torch.Tensor:
         if isinstance(image, Image.Image):
             arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
             image = torch.from_numpy(arr).permute(2, 0, 1)[None]
-        image = image.to(self.vae.device, self.vae.dtype)
+        dtype = torch.float32 if self._vae_needs_upcast() else self.vae.dtype
+        image = image.to(self.vae.device, dtype)
         if image.shape[0] == 1 and batch > 1:
             image = image.expand(batch, -1, -1, -1)
-        posterior = self.vae.encode(image)
-        g = gens[0] if isinstance(gens, list) else gens
-        z = posterior.sample(generator=g)
+        with self._vae_in(dtype):
+            posterior = self.vae.encode(image)
+            g = gens[0] if isinstance(gens, list) else gens
+            z = posterior.sample(generator=g)
         cfg = self.vae.config
         return ((z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).float().cpu()
 
@@ -441,6 +514,19 @@ def default_model_path() -> Path:
         return folder
     raise ChorusError("The default model is not installed (weights/default is missing); pass --model PATH "
                       "to a diffusers-format folder, or train one with `chorus train --preset default`.")
+
+
+@contextmanager
+def _cast_for_call(module, dtype):
+    old = module.dtype
+    if old == dtype:
+        yield
+        return
+    module.to(dtype=dtype)
+    try:
+        yield
+    finally:
+        module.to(dtype=old)
 
 
 def _opt(t, device, dtype):

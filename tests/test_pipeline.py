@@ -103,12 +103,16 @@ def test_seed_is_reproducible_and_per_image_generators_match_single_runs(sd_fold
 
 
 def test_long_prompt_reports_what_was_cut(sd_folder):
+    """prompt_syntax="plain" (diffusers' reading) truncates and says what was cut; the default (A1111's)
+    encodes the whole prompt in several windows and says so (tests/test_prompting.py)."""
     pipe = Pipeline.from_pretrained(sd_folder)
     long = "a red circle " * 10 + "THE END"
+    kw = dict(num_inference_steps=1, guidance_scale=1.0, height=32, width=32, output_type="latent", progress=False)
     with pytest.warns(UserWarning, match="cut"):
-        out = pipe(long, num_inference_steps=1, guidance_scale=1.0, height=32, width=32, output_type="latent",
-                   progress=False)
+        out = pipe(long, prompt_syntax="plain", **kw)
     assert any("END" in n.upper() for n in out.notes)
+    out = pipe(long, **kw)
+    assert any("2 windows" in n for n in out.notes) and not any("cut" in n for n in out.notes)
 
 
 @pytest.mark.parametrize("kw, match", [

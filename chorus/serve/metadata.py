@@ -9,6 +9,10 @@ Every PNG the server makes carries
       Negative prompt: blurry
       Steps: 20, Sampler: DPM++ 2M, CFG scale: 5, Seed: 0, Size: 64x64, Model: default
 
+`chorus generate` writes the same chunks (its `_save_png` calls `infotext`; `Clip skip: N` is added
+when the settings carry clip_skip > 1), and `chorus generate --from-png` reads `parameters` with
+`parse_infotext` / `settings_from_a1111` when a PNG has no `chorus` chunk.
+
 Note the sizes: Chorus's `size` setting is HxW (as `chorus generate --size`), A1111's `Size` is WxH.
 Reading accepts `chorus` first, then `parameters`, then InvokeAI's `invokeai_metadata` (best effort).
 """
@@ -84,6 +88,8 @@ def infotext(settings: dict, model_name: str | None = None) -> str:
         params.append(("Schedule type", "Karras"))
     params += [("CFG scale", _num(settings["guidance"])), ("Seed", settings["seed"]), ("Size", f"{w}x{h}"),
                ("Model", model_name or settings.get("model_name") or settings.get("model") or "")]
+    if int(settings.get("clip_skip") or 1) > 1:   # A1111 writes it only when it is not 1
+        params.append(("Clip skip", int(settings["clip_skip"])))
     if settings.get("strength") is not None:
         params.append(("Denoising strength", _num(settings["strength"])))
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params))

@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -49,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--sample-every", type=int, default=None, help="sample grid every N steps (0: at the end)")
     p.add_argument("--eval-every", type=int, default=None, help="benchmark score every N steps (0: off)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="where to train: cuda (default when a GPU is there; under torchrun each rank takes "
+                        "cuda:LOCAL_RANK) or cpu; mps is refused (the trainer runs on cpu or cuda)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/logs)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.set_defaults(func=run_train)
@@ -126,14 +131,47 @@ def resume(args, recipe, parts, out: Path, progress: bool) -> Path:
     return run_recipe(recipe, out, parts, progress=progress, resume=True)
 
 
+def check_device(device: str | None) -> None:
+    """--device: refuse a device that is not there, or one the trainer cannot use, before any work."""
+    if device is None:
+        return
+    from chorus.devices import resolve_device
+    if device == "mps":
+        raise ChorusError("chorus train runs on cpu or cuda (torch.distributed and its trainers have no mps path); "
+                          "use --device cpu on a Mac.")
+    resolve_device(device)
+
+
+@contextlib.contextmanager
+def train_device(device: str | None):
+    """The trainers call chorus.train.distributed.setup() with no arguments; for the run, --device is passed to
+    it as setup(device=...) (which uses CUDA when it is there unless told "cpu")."""
+    if device is None:
+        yield
+        return
+    from chorus.train import distributed as D
+    original = D.setup
+    D.setup = functools.partial(original, device=device)
+    try:
+        yield
+    finally:
+        D.setup = original
+
+
 def run_train(args) -> int:
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = getattr(args, "device", None)
+    check_device(device)
+    with train_device(device):
+        return _run_train(args)
 
+
+def _run_train(args) -> int:
     from chorus.train.config import to_dict
     from chorus.train.distributed import env_world
     from chorus.train.recipe import run_recipe
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.part == "lora":
         from chorus.train.lora import run_from_args
         return run_from_args(args)

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--fid", action="store_true",
                    help="also FID/KID against renders of the same specs, with the real-vs-real floor")
     p.add_argument("--evaluator", help="evaluator weights folder (default: the shipped weights)")
+    p.add_argument("--device", default=None, help="with --model: generate on cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="with --model: the models' precision (fp32 default)")
     p.set_defaults(func=eval_command)
 
 
@@ -137,14 +140,19 @@ def _specs_by_file_name(meta: Path, specs: list[dict]) -> dict[str, dict]:
 
 
 def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance: float, seed: int,
-                    batch_prompts: int = 8):
-    """Images from a text-to-image pipeline, prompt-major: k per spec."""
+                    batch_prompts: int = 8, device=None, dtype=None):
+    """Images from a text-to-image pipeline, prompt-major: k per spec (on `device`, in `dtype`)."""
     from tqdm import tqdm
     try:
         from chorus.pipeline import Pipeline
     except ImportError as e:
         raise ChorusError(f"`chorus eval --model` needs chorus.pipeline, which is not available ({e}).") from None
+    if device is not None:
+        from chorus.devices import resolve_device
+        resolve_device(device)   # an absent GPU: one clear error before the model loads
     pipe = Pipeline.from_pretrained(model)
+    if device is not None or dtype is not None:
+        pipe = pipe.to(device=device, dtype=dtype)
     images = []
     for i in tqdm(range(0, len(specs), batch_prompts), desc="generate"):
         prompts = [s.get("prompt", "") for s in specs[i:i + batch_prompts]]
@@ -190,6 +198,9 @@ def eval_command(args) -> int:
         raise ChorusError("--images-per-prompt must be at least 1.")
     if args.grid and Path(args.grid).suffix.lower() != ".png":
         raise ChorusError(f"--grid must name a .png file, got {args.grid}.")
+    if getattr(args, "device", None) and args.model:
+        from chorus.devices import resolve_device
+        resolve_device(args.device)
     evaluator = Evaluator.load(args.evaluator)
     t0 = time.time()
     if args.images:
@@ -200,7 +211,8 @@ def eval_command(args) -> int:
     else:
         prompts = load_specs(args.specs)[:args.limit]
         images = generate_images(args.model, prompts, args.images_per_prompt, args.steps, args.guidance_scale,
-                                 args.seed, args.batch_prompts)
+                                 args.seed, args.batch_prompts, getattr(args, "device", None),
+                                 getattr(args, "dtype", None))
         specs = [s for s in prompts for _ in range(args.images_per_prompt)]
         names = [f"{i:05d}_{k}.png" for i in range(len(prompts)) for k in range(args.images_per_prompt)]
         if args.save_images:
