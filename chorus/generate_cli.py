@@ -37,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (20)")
     p.add_argument("--sampler", default=None, help="sampler (dpmpp_2m); see `chorus generate --list-samplers`")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (5)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's recommended "
+                   "scale from its sampling_defaults.json, else 5)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (0)")
     p.add_argument("--n", type=int, default=4, help="number of images (4)")
     p.add_argument("--size", default=None, help="HxW in pixels (the model's default size)")
@@ -177,7 +178,7 @@ def run_generate(args) -> int:
         print("\n".join(sorted(samplers.SAMPLERS)))
         return 0
     settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
-                "guidance": 5.0, "size": None, "model": "default", "refiner": None, "controlnet": None,
+                "guidance": None, "size": None, "model": "default", "refiner": None, "controlnet": None,
                 "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None, "lora": [],
                 "lora_dir": None, "clip_skip": 1, "karras": None, "device": "cpu", "dtype": "fp32"}
     n = args.n
@@ -240,6 +241,8 @@ def run_generate(args) -> int:
     pipe.to(device=device, dtype=dtype)
     h, w = size or (pipe.default_size, pipe.default_size)
     settings["size"] = f"{h}x{w}"
+    if settings["guidance"] is None:   # the model's recommended scale (sampling_defaults.json), else 5
+        settings["guidance"] = pipe.default_guidance
     seed = int(settings["seed"])
     folder = Path(args.out)
     for i in range(n):

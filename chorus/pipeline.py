@@ -165,7 +165,9 @@ class Pipeline:
         else:
             ref, _ = load_stage_from(refiner, torch_dtype)
             experts = [Expert("base", base, 0.0, switch_at), Expert("refiner", ref, switch_at, 1.0)]
-        return cls(vae, ExpertEnsemble(experts), base.scheduler_config, name=str(folder))
+        pipe = cls(vae, ExpertEnsemble(experts), base.scheduler_config, name=str(folder))
+        pipe.sampling_defaults = read_sampling_defaults(folder)
+        return pipe
 
     @classmethod
     def from_single_file(cls, path, prediction_type: str | None = None, tokenizer=None, refiner=None,
@@ -220,6 +222,13 @@ class Pipeline:
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
         return self.vae_scale_factor * 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+
+    sampling_defaults: dict = {}
+
+    @property
+    def default_guidance(self) -> float:
+        """The model's recommended guidance scale (its folder's sampling_defaults.json), else 5."""
+        return float(self.sampling_defaults.get("guidance_scale", 5.0))
 
     @property
     def default_size(self) -> int:
@@ -504,6 +513,19 @@ class Pipeline:
         else:
             g.manual_seed(int(seed))
         return g
+
+
+def read_sampling_defaults(folder) -> dict:
+    """A model folder's recommended sampling settings (sampling_defaults.json, written by whoever chose
+    them on validation prompts; e.g. {"guidance_scale": 3.0}); {} when it has none."""
+    path = Path(folder) / "sampling_defaults.json"
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    g = data.get("guidance_scale")
+    if g is not None and (not isinstance(g, (int, float)) or not 0 <= g <= 100):
+        raise ChorusError(f"{path}: guidance_scale must be a number in [0, 100], got {g!r}.")
+    return data
 
 
 def default_model_path() -> Path:

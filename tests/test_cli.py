@@ -86,3 +86,24 @@ def test_info_describes_the_folder(sd_folder, capsys):
 def test_python_dash_m_is_the_same_command():
     r = subprocess.run([sys.executable, "-m", "chorus", "generate", "--list-samplers"], capture_output=True, text=True)
     assert r.returncode == 0 and "dpmpp_2m" in r.stdout
+
+
+def test_a_models_recommended_guidance_is_the_default_and_flags_override_it(sd_folder, tmp_path, capsys):
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(sd_folder, model)
+    (model / "sampling_defaults.json").write_text(json.dumps({"guidance_scale": 2.5}))
+    out = tmp_path / "o"
+    assert gen("a red circle", "--model", model, "--steps", 2, "--n", 1, "--size", "32x32", "--out", out) == 0
+    (png,) = out.glob("*.png")
+    with Image.open(png) as im:
+        assert json.loads(im.text["chorus"])["guidance"] == 2.5
+    out2 = tmp_path / "o2"
+    assert gen("a red circle", "--model", model, "--steps", 2, "--n", 1, "--size", "32x32", "--guidance", 4,
+               "--out", out2) == 0
+    (png2,) = out2.glob("*.png")
+    with Image.open(png2) as im:
+        assert json.loads(im.text["chorus"])["guidance"] == 4.0
+    (model / "sampling_defaults.json").write_text(json.dumps({"guidance_scale": "high"}))
+    assert gen("a red circle", "--model", model, "--steps", 2, "--out", tmp_path / "o3") == 2
+    assert "guidance_scale" in capsys.readouterr().err

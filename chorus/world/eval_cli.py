@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N specs (with --images: the first N images)")
     p.add_argument("--json", help="write the summary (and per-image records) to this JSON file")
     p.add_argument("--steps", type=int, default=20, help="sampling steps with --model (default 20)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the model's recommended scale, else 5)")
     p.add_argument("--seed", type=int, default=0, help="generation seed with --model (default 0)")
     p.add_argument("--batch-prompts", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--save-images", help="with --model: also save the images here ({index:05d}_{k}.png)")
@@ -139,7 +140,7 @@ def _specs_by_file_name(meta: Path, specs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance: float, seed: int,
+def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance: float | None, seed: int,
                     batch_prompts: int = 8, device=None, dtype=None):
     """Images from a text-to-image pipeline, prompt-major: k per spec (on `device`, in `dtype`)."""
     from tqdm import tqdm
@@ -153,6 +154,10 @@ def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance:
     pipe = Pipeline.from_pretrained(model)
     if device is not None or dtype is not None:
         pipe = pipe.to(device=device, dtype=dtype)
+    recommended = getattr(pipe, "sampling_defaults", {}).get("guidance_scale")
+    guidance = (5.0 if recommended is None else float(recommended)) if guidance is None else guidance
+    print(f"generate: guidance {guidance:g}{' (the model’s recommended scale)' if recommended is not None else ''}",
+          file=sys.stderr)
     images = []
     for i in tqdm(range(0, len(specs), batch_prompts), desc="generate"):
         prompts = [s.get("prompt", "") for s in specs[i:i + batch_prompts]]
