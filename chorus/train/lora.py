@@ -31,12 +31,8 @@ from safetensors.torch import load_file
 from chorus.errors import ChorusError
 from chorus.formats.lora import DEFAULT_TARGETS, inject_lora, kohya_metadata, merged_state_dict, save_lora
 from chorus.train import checkpoint as ckpt
-from chorus.train import distributed as D
-from chorus.train.conditioning import TrainingConditioner, text_storage_dtype
-from chorus.train.config import UNetTrainConfig, load_config, override, read_config_file, save_config, to_dict
-from chorus.train.core import RunLog, make_optimizer, timestep_range
-from chorus.train.data import Stream, open_source
-from chorus.train.parts import prepare_parts
+from chorus.train.config import UNetTrainConfig, load_config, override, read_config_file, to_dict
+from chorus.train.core import make_optimizer
 from chorus.train.unet import RESUME_FIXED, UNetTrainer
 
 
@@ -117,52 +113,16 @@ class LoRATrainer(UNetTrainer):
         ids = {id(p) for p in self.network.parameters()}
         return (p for p in self.unet.parameters() if id(p) not in ids)
 
-    # -- set-up: UNetTrainer.setup with the UNet frozen and the LoRA injected before the optimiser --------
-    def setup(self) -> None:
-        cfg, out = self.cfg, self.out
-        self.d = d = D.setup()
-        self.resume_from = None
-        if self.resume:
-            self.resume_from = ckpt.latest_checkpoint(out if self.resume is True else Path(self.resume))
-            self._check_resume_config(ckpt.read_state(self.resume_from).get("config", {}))
-        self.parts = out / "parts"
-        if not self.resume and ckpt.checkpoints(out):
-            raise ChorusError(f"{out} already holds checkpoints of a run; continue it with --resume, or give "
-                              "another --out folder for a new run.")
-        if d.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if not (self.resume_from and (self.parts / "model_index.json").is_file()):
-                prepare_parts(cfg, self.parts)
-            save_config(cfg, out / "config.json")
-        D.barrier(d)
-        from chorus.pipeline import load_stage
-        stage, vae = load_stage(self.parts)
-        self.stage, self.vae = stage, vae.to(d.device, torch.float32).requires_grad_(False).eval()
-        self.schedule = stage.schedule
-        self.unet = stage.unet.to(d.device, torch.float32).train()
+    # -- set-up: UNetTrainer.setup, with the UNet frozen and the LoRA injected before the optimiser --------
+    def setup_trainable(self) -> None:
         with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            self.network = inject_lora(self.unet, cfg.rank, cfg.alpha, cfg.targets)   # freezes the base
-        for e in stage.conditioner.embedders:
-            e.to(d.device, torch.float32)
+            torch.manual_seed(self.cfg.seed)
+            self.network = inject_lora(self.unet, self.cfg.rank, self.cfg.alpha, self.cfg.targets)  # freezes the base
         self.ema = None
-        self.optimizer = make_optimizer(self.network, cfg)
+        self.optimizer = make_optimizer(self.network, self.cfg)
         self.step = 0
         if self.resume_from is not None:
             self.step = self._load_checkpoint(self.resume_from)
-        self.model = D.wrap_ddp(self.unet, d)
-        self.cond = TrainingConditioner(stage.conditioner, cfg, text_storage_dtype(cfg, d.device), d.device)
-        self.source = open_source(cfg, d.rank, d.world_size)
-        self.stream = Stream(self.source, cfg, d.rank, d.world_size)
-        self.stream.start_at(self.step)
-        self.latent_cache: dict[int, torch.Tensor] = {}
-        f = vae.downsampling_factor
-        self.latent_shape = (self.unet.config.in_channels, cfg.resolution // f, cfg.resolution // f)
-        self.t_range = timestep_range(self.schedule.num_train_timesteps, cfg.timestep_interval)
-        if cfg.resolution % (f * 2 ** (len(self.unet.config.block_out_channels) - 1)):
-            raise ChorusError(f"resolution {cfg.resolution} is not a multiple of the VAE factor {f} times the "
-                              "UNet's downsampling.")
-        self.logger = RunLog(out, d.is_main)
 
     def _load_checkpoint(self, path: Path) -> int:
         state = ckpt.read_state(path)

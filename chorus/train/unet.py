@@ -129,18 +129,10 @@ class UNetTrainer(Trainer):
         # frozen parts in fp32 (they may be stored in fp16); each is run once per example thanks to the caches
         self.stage, self.vae = stage, vae.to(d.device, torch.float32).requires_grad_(False).eval()
         self.schedule: NoiseSchedule = stage.schedule
-        self.unet = stage.unet.to(d.device, torch.float32).train().requires_grad_(True)
+        self.unet = stage.unet.to(d.device, torch.float32).train()
         for e in stage.conditioner.embedders:
             e.to(d.device, torch.float32)
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
-        self.optimizer = make_optimizer(self.unet, cfg)
-        self.step = 0
-        if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.unet, self.ema, self.optimizer, d.rank)
-            self.step = int(state["step"])
-            if state.get("world_size", d.world_size) != d.world_size:
-                self.log(f"note: resuming a run of {state['world_size']} processes with {d.world_size}: the "
-                         "global batch (and so the result) is the same; RNG states of extra ranks start fresh")
+        self.setup_trainable()
         self.model = D.wrap_ddp(self.unet, d)
         self.cond = TrainingConditioner(stage.conditioner, cfg, text_storage_dtype(cfg, d.device), d.device)
         self.source = open_source(cfg, d.rank, d.world_size)
@@ -154,6 +146,20 @@ class UNetTrainer(Trainer):
             raise ChorusError(f"resolution {cfg.resolution} is not a multiple of the VAE factor {f} times the "
                               "UNet's downsampling.")
         self.logger = RunLog(out, d.is_main)
+
+    def setup_trainable(self) -> None:
+        """What is trained and how it resumes: the whole UNet with its EMA (a LoRA part overrides this)."""
+        cfg, d = self.cfg, self.d
+        self.unet.requires_grad_(True)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+        self.optimizer = make_optimizer(self.unet, cfg)
+        self.step = 0
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, self.unet, self.ema, self.optimizer, d.rank)
+            self.step = int(state["step"])
+            if state.get("world_size", d.world_size) != d.world_size:
+                self.log(f"note: resuming a run of {state['world_size']} processes with {d.world_size}: the "
+                         "global batch (and so the result) is the same; RNG states of extra ranks start fresh")
 
     # -- one step ----------------------------------------------------------------------------------------
     @torch.no_grad()
