@@ -35,9 +35,9 @@ import torch
 
 from chorus.errors import ChorusError
 from chorus.formats import keymap as K
+from chorus.models.io import PICKLE_SUFFIXES
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
