@@ -214,7 +214,7 @@ def normalise_vae_latents(cfg, folder: Path) -> dict:
     from chorus.train.data import open_source, pixels
     vae = VAE.from_pretrained(folder, torch_dtype=torch.float32).eval()
     vae.config.scaling_factor, vae.config.shift_factor = 1.0, None   # the statistics are of the raw latents
-    source = open_source(dataclasses.replace(cfg, data_seed=cfg.world_seed), 0, 1)
+    source = open_source(cfg, 0, 1)
     n = int(cfg.normalise_latents)
     if getattr(source, "size", None) is not None:
         images = [source.get(i % source.size).image for i in range(n)]

@@ -154,9 +154,9 @@ def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance:
     pipe = Pipeline.from_pretrained(model)
     if device is not None or dtype is not None:
         pipe = pipe.to(device=device, dtype=dtype)
-    recommended = getattr(pipe, "sampling_defaults", {}).get("guidance_scale")
-    guidance = (5.0 if recommended is None else float(recommended)) if guidance is None else guidance
-    print(f"generate: guidance {guidance:g}{' (the model’s recommended scale)' if recommended is not None else ''}",
+    recommended = "guidance_scale" in getattr(pipe, "sampling_defaults", {})
+    guidance = getattr(pipe, "default_guidance", 5.0) if guidance is None else guidance
+    print(f"generate: guidance {guidance:g}{' (the model’s recommended scale)' if recommended else ''}",
           file=sys.stderr)
     images = []
     for i in tqdm(range(0, len(specs), batch_prompts), desc="generate"):
