@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_generate(sub)
     _register_info(sub)
-    for module in ("chorus.world.cli", "chorus.world.eval_cli", "chorus.train.cli", "chorus.serve.cli",
-                   "chorus.formats.cli"):
+    for module in ("chorus.edit_cli", "chorus.world.cli", "chorus.world.eval_cli", "chorus.train.cli",
+                   "chorus.serve.cli", "chorus.formats.cli"):
         _register_optional(sub, module)
     return parser
 

@@ -27,9 +27,15 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model folder, or 'default' (the shipped model)")
     p.add_argument("--refiner", default=None, help="an SDXL refiner folder: a second expert for the last steps")
     p.add_argument("--switch-at", type=float, default=0.8, help="where the refiner takes over (fraction, 0.8)")
-    p.add_argument("--controlnet", default=None, help="a ControlNet folder (a control of the UNet)")
+    p.add_argument("--controlnet", default=None, help="a ControlNet folder or single file (a control of the UNet); "
+                   "default-layout: the shipped world ControlNet")
     p.add_argument("--control-image", default=None, help="the condition image for --controlnet (edges, layout, …)")
     p.add_argument("--control-scale", type=float, default=None, help="ControlNet conditioning scale (1.0)")
+    p.add_argument("--guess-mode", action="store_true", default=None,
+                   help="ControlNet's guess mode: the control on the conditional branch only, ramped 0.1 → 1")
+    p.add_argument("--regions", default=None, metavar="FILE",
+                   help="paint-with-words: a JSON file {\"phrase\": [x0, y0, x1, y1] | \"mask.png\", …} (boxes in pixels)")
+    p.add_argument("--region-weight", type=float, default=None, help="paint-with-words strength w′ (0.4)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help="merge a LoRA (.safetensors, kohya or diffusers format) at WEIGHT (1.0); repeatable")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
@@ -180,7 +186,8 @@ def run_generate(args) -> int:
     settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
                 "guidance": None, "size": None, "model": "default", "refiner": None, "controlnet": None,
                 "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None, "lora": [],
-                "lora_dir": None, "clip_skip": 1, "karras": None, "device": "cpu", "dtype": "fp32"}
+                "lora_dir": None, "clip_skip": 1, "karras": None, "device": "cpu", "dtype": "fp32",
+                "guess_mode": False, "regions": None, "region_weight": 0.4}
     n = args.n
     source = None
     if args.from_png:
@@ -196,7 +203,8 @@ def run_generate(args) -> int:
                        ("controlnet", args.controlnet), ("control_image", args.control_image),
                        ("control_scale", args.control_scale), ("original_size", args.original_size),
                        ("crop", args.crop), ("lora", args.lora), ("lora_dir", args.lora_dir),
-                       ("clip_skip", args.clip_skip), ("device", args.device), ("dtype", args.dtype)):
+                       ("clip_skip", args.clip_skip), ("device", args.device), ("dtype", args.dtype),
+                       ("guess_mode", args.guess_mode), ("region_weight", args.region_weight)):
         if value is not None:
             settings[key] = value
     if not settings["prompt"]:
@@ -220,6 +228,13 @@ def run_generate(args) -> int:
         if settings["original_size"] else None
     crop = parse_pair(settings["crop"], "--crop", ",", "TOP,LEFT, e.g. 0,0") if settings["crop"] else None
     loras = [parse_lora_flag(t) for t in settings["lora"] or []]
+    if args.regions:
+        from chorus.controls import read_regions
+        settings["regions"] = read_regions(args.regions)   # kept in the PNG: --from-png paints the same
+    controls = []
+    if settings["regions"]:
+        from chorus.controls import PaintWithWords
+        controls.append(PaintWithWords(settings["regions"], weight=float(settings["region_weight"])))
 
     import torch
     from chorus.pipeline import Pipeline
@@ -231,7 +246,8 @@ def run_generate(args) -> int:
         try:
             control = Image.open(settings["control_image"]).convert("RGB")
         except (OSError, ValueError) as e:
-            raise ChorusError(f"Cannot read the control image {settings['control_image']} ({e}).") from None
+            raise ChorusError(f"Cannot read the control image {settings['control_image']}: it is not an image "
+                              f"({e}).") from None
     pipe = Pipeline.from_pretrained(settings["model"], refiner=settings["refiner"], switch_at=args.switch_at,
                                     controlnet=settings["controlnet"])
     for path, weight in loras:
@@ -251,7 +267,7 @@ def run_generate(args) -> int:
                    guidance_scale=float(settings["guidance"]), height=h, width=w,
                    generator=torch.Generator("cpu").manual_seed(seed + i), sampler=settings["sampler"],
                    control_image=control, controlnet_conditioning_scale=float(settings["control_scale"]),
-                   original_size=original, crop_top_left=crop, clip_skip=clip_skip, karras=settings["karras"])
+                   guess_mode=bool(settings["guess_mode"]), controls=controls, original_size=original, crop_top_left=crop, clip_skip=clip_skip, karras=settings["karras"])
         for note in out.notes if i == 0 else ():
             print(f"note: {note}", file=sys.stderr)
         image = out.images[0]

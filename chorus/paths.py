@@ -18,3 +18,13 @@ def shipped_weights(name: str) -> Path:
         if (root / name).is_dir():
             return root / name
     return PACKAGE_ROOT.parent / "weights" / name
+
+
+def resolve_controlnet(name):
+    """A ControlNet argument: `default-<condition>` names a shipped world ControlNet (weights/controlnet-<condition>);
+    anything else is a path."""
+    text = str(name)
+    from pathlib import Path as _P
+    if text.startswith("default-") and not _P(text).exists():
+        return shipped_weights("controlnet-" + text[len("default-"):])
+    return name

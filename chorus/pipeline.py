@@ -14,7 +14,8 @@ on any device, and the same image diffusers makes from the same folder, schedule
 """
 from __future__ import annotations
 
-import json
+import contextlib
+
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 
 from chorus import samplers as S
-from chorus.controls import ControlNetControl, control_image_tensor, merge_residuals
+from chorus.controls import ControlNetControl, ControlRun, merge_residuals
 from chorus.conditioning import (Conditioner, Conditioning, NumberEmbedder, TextEmbedder, build_embedders,
                                  check_widths, read_conditioner_spec)
 from chorus.errors import ChorusError
@@ -159,7 +160,8 @@ class Pipeline:
         base, vae = load_stage(folder, torch_dtype)
         if controlnet is not None:
             paths = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
-            base.controls = [load_controlnet(p, torch_dtype=torch_dtype) for p in paths]
+            from chorus.paths import resolve_controlnet
+            base.controls = [load_controlnet(resolve_controlnet(p), torch_dtype=torch_dtype) for p in paths]
         if refiner is None:
             experts = [Expert("base", base)]
         else:
@@ -301,7 +303,7 @@ class Pipeline:
             x_in = x_in.to(unet.dtype)
             extra: dict = {}
             for control in controls:
-                extra = merge_residuals(extra, control(x_in, t_in, kwargs))
+                extra = merge_residuals(extra, control.unet_call(x_in, t_in, kwargs))
             out = unet(x_in, t_in, **kwargs, **extra).float()
             if uncond is None:
                 return out
@@ -323,7 +325,7 @@ class Pipeline:
                  original_size=None, crop_top_left=None, target_size=None, crops_coords_top_left=None,
                  aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, control_image=None, controlnet_conditioning_scale: float = 1.0,
-                 clip_skip: int | None = None, prompt_syntax: str = "a1111",
+                 guess_mode: bool = False, controls: Sequence = (), clip_skip: int | None = None, prompt_syntax: str = "a1111",
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True) -> PipelineOutput:
         """Generate images; argument names follow diffusers' StableDiffusion(XL)Pipeline. A1111's
         `<lora:NAME:W>` tags in the prompt apply that LoRA for this call only (see chorus.formats.lora).
@@ -397,10 +399,12 @@ class Pipeline:
                                                     negative_pooled_prompt_embeds, clip_skip, prompt_syntax)
             notes += conds[expert.name][0].notes
 
+        control_stack = contextlib.ExitStack()   # every control is entered for this run and left after it
+
         def make_denoiser(expert: Expert):
             cond, uncond = conds[expert.name]
             stage: Stage = expert.model
-            controls = []
+            run_controls = []
             if stage.controls:
                 if control_image is None:
                     raise ChorusError("This pipeline has a ControlNet: pass control_image (an edge map, layout, …).")
@@ -409,9 +413,15 @@ class Pipeline:
                     else [controlnet_conditioning_scale] * len(stage.controls)
                 if len(images) != len(stage.controls):
                     raise ChorusError(f"Got {len(images)} control images for {len(stage.controls)} ControlNets.")
-                controls = [ControlNetControl(cn, control_image_tensor(im, height, width, batch), s)
-                            for cn, im, s in zip(stage.controls, images, scales)]
-            return self.make_denoiser(stage, cond, uncond, guidance_scale, guidance_rescale, controls,
+                run_controls = [ControlNetControl(cn, im, s, guess_mode=guess_mode)
+                                for cn, im, s in zip(stage.controls, images, scales)]
+            if expert is self.experts.experts[0]:
+                run_controls += list(controls)   # the caller's controls steer the base expert
+            run = ControlRun(stage.unet, stage, height, width, batch, uncond is not None,
+                             [p for p in prompts for _ in range(num_images_per_prompt)], timesteps, sigmas)
+            for control in run_controls:
+                control_stack.enter_context(control.entered(run))
+            return self.make_denoiser(stage, cond, uncond, guidance_scale, guidance_rescale, run_controls,
                                       sigmas, timesteps)
 
         knobs, per_step = {}, {}
@@ -422,13 +432,22 @@ class Pipeline:
                                                                final_sigma_zero=bool(sigmas[-1] == 0))
         elif sampler.startswith("dpmpp_2m") and len(self.experts) == 1:
             knobs["lower_order_final"] = num_inference_steps < 15 and bool(sigmas[-1] > 0)
-        x = self.experts.sample(sample_fn, make_denoiser, x, sigmas, timesteps, schedule.num_train_timesteps,
-                                per_step=per_step, generator=gens, callback=callback, disable=not progress, **knobs)
+        with control_stack:
+            x = self.experts.sample(sample_fn, make_denoiser, x, sigmas, timesteps, schedule.num_train_timesteps,
+                                    per_step=per_step, generator=gens, callback=callback, disable=not progress,
+                                    **knobs)
         z = S.final_latents(x, sigmas, sampler)
         if output_type == "latent":
             return PipelineOutput(images=[], latents=z, notes=notes)
         images = self.decode(z, notes)
         return PipelineOutput(images=_to_pil(images) if output_type == "pil" else images, latents=z, notes=notes)
+
+    def edit(self, image, prompt, method: str = "pnp", **kwargs) -> PipelineOutput:
+        """Edit `image` towards `prompt`: Plug-and-Play (method="pnp": DDIM inversion, then its features and
+        self-attention injected; tau_f, tau_attn, inversion_steps) or SDEdit ("sdedit": img2img at `strength`).
+        See chorus.controls.plug_and_play.edit."""
+        from chorus.controls.plug_and_play import edit
+        return edit(self, image, prompt, method=method, **kwargs)
 
     # --- devices and precision ---------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> "Pipeline":

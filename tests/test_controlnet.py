@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chorus.errors import ChorusError
-from chorus.models import ControlNet, UNet
+from chorus.models import ControlNet
 
 diffusers = pytest.importorskip("diffusers")
 from test_unet import SD1, SDXL, TOL, inputs, one_thread, pair  # noqa: E402,F401  (one_thread: autouse fixture)

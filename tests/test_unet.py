@@ -173,7 +173,7 @@ def test_identity_hook_and_logits_path_match_sdpa():
     with ours.hooks(identity):
         hooked = run_ours(ours, 10, args)
     assert (hooked - plain).abs().max().item() < 1e-5
-    assert set(seen) == {"query", "key", "value", "logits", "resnet"}
+    assert set(seen) == {"query", "key", "value", "logits", "resnet", "resnet_branch"}
     name, shape = next(x for x in seen["logits"] if x[0].endswith("attn2"))
     assert name == "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
     assert shape == (2, 4, 4 * 4, 7)  # (B, heads, H·W, text tokens): 8×8 latent, one level down

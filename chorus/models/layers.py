@@ -9,7 +9,6 @@ When no hook is set a module pays one attribute check.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -34,14 +33,27 @@ class Hookable:
         return tensor if out is None else out
 
 
+def chain(first: HookFn, second: HookFn) -> HookFn:
+    """A hook that runs `first`, then `second` on what `first` returned (hooks of several controls compose)."""
+    def both(name: str, kind: str, tensor: Tensor) -> Tensor:
+        out = first(name, kind, tensor)
+        tensor = tensor if out is None else out
+        out = second(name, kind, tensor)
+        return tensor if out is None else out
+    return both
+
+
 @contextmanager
 def hooks(model: nn.Module, fn: HookFn, names: NamePredicate | None = None) -> Iterator[nn.Module]:
-    """Install `fn` on every Hookable submodule of `model` (whose name passes `names`) for a block."""
+    """Install `fn` on every Hookable submodule of `model` (whose name passes `names`) for a block. A module
+    that already has a hook (an enclosing `hooks()`) runs both, the earlier first; on exit each module gets
+    back exactly the hook it had."""
     installed = []
     for name, module in model.named_modules():
         if isinstance(module, Hookable) and (names is None or names(name)):
-            installed.append((module, module.__dict__.get("hook"), module.__dict__.get("hook_name")))
-            object.__setattr__(module, "hook", fn)
+            old = module.__dict__.get("hook")
+            installed.append((module, old, module.__dict__.get("hook_name")))
+            object.__setattr__(module, "hook", fn if old is None else chain(old, fn))
             object.__setattr__(module, "hook_name", name)
     try:
         yield model
@@ -137,6 +149,8 @@ class ResnetBlock2D(Hookable, nn.Module):
         if temb is not None and self.time_emb_proj is not None:
             h = add_(h, self.time_emb_proj(F.silu(temb))[:, :, None, None])
         h = self.conv2(self.dropout(group_norm_silu(h, self.norm2)))
+        if self.hook is not None:   # the residual branch, before the shortcut is added (Plug-and-Play's features)
+            h = self.call_hook("resnet_branch", h)
         out = add_(h, x if self.conv_shortcut is None else self.conv_shortcut(x))
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor

@@ -175,8 +175,9 @@ def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> bool:
 
 
 def save_checkpoint(out: Path, step: int, parts: Path, ema_unet, raw_unet, optimizer, state: dict,
-                    rng_states: list[dict[str, torch.Tensor]], keep_last: int) -> Path:
-    """Write checkpoints/step-NNNNNNNN atomically, then keep only the last `keep_last`."""
+                    rng_states: list[dict[str, torch.Tensor]], keep_last: int, component: str = "unet") -> Path:
+    """Write checkpoints/step-NNNNNNNN atomically, then keep only the last `keep_last`. The trained model goes
+    in the folder `component` (unet/, or controlnet/ for a ControlNet run)."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -187,16 +188,18 @@ def save_checkpoint(out: Path, step: int, parts: Path, ema_unet, raw_unet, optim
             shutil.rmtree(tmp)
         tmp.mkdir()
         link_parts(parts, tmp)
-        write_unet(ema_unet if ema_unet is not None else raw_unet, tmp / "unet")
+        if component != "unet" and (parts / "unet").is_dir():   # an adapter's checkpoint: with its frozen base UNet
+            link_or_copy_tree(parts / "unet", tmp / "unet")
+        write_unet(ema_unet if ema_unet is not None else raw_unet, tmp / component)
         trainer = tmp / "trainer"
         trainer.mkdir()
         if ema_unet is not None:
-            write_tensors(raw_unet.state_dict(), trainer / "unet.safetensors")
+            write_tensors(raw_unet.state_dict(), trainer / f"{component}.safetensors")
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         write_tensors(opt_tensors, trainer / "optimizer.safetensors")
         write_tensors(rng_tensors(rng_states), trainer / "rng.safetensors")
         write_json({"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, "ema": ema_unet is not None,
-                    **state}, trainer / "state.json")
+                    "component": component, **state}, trainer / "state.json")
         replace_folder(tmp, final)  # the same step saved again (e.g. after a resume) is swapped out
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -240,9 +243,10 @@ def load_checkpoint(ckpt: Path, raw_unet, ema_unet, optimizer, rank: int = 0) ->
     from chorus.models.io import WEIGHTS_NAME
     ckpt = Path(ckpt)
     state = read_state(ckpt)
-    trained = load_file(str(ckpt / "unet" / WEIGHTS_NAME))
+    component = state.get("component", "unet")
+    trained = load_file(str(ckpt / component / WEIGHTS_NAME))
     if state.get("ema"):
-        raw = load_file(str(ckpt / "trainer" / "unet.safetensors"))
+        raw = load_file(str(ckpt / "trainer" / f"{component}.safetensors"))
         if ema_unet is None:
             raise ChorusError(f"The checkpoint {ckpt} was trained with EMA but this run has ema_decay=0.")
         ema_unet.load_weights(trained)

@@ -4,6 +4,7 @@
     chorus train --preset default --out runs/default           the shipped model's recipe (3 UNet stages)
     chorus train --part unet --base MODEL --data DIR --out runs/ft --steps 2000
     chorus train --part lora --base default --rank 4 --out runs/lora      a LoRA (OUT/lora.safetensors)
+    chorus train --part controlnet --condition layout --base default      a ControlNet (OUT/controlnet)
     chorus train --out runs/default --resume                   continue after an interruption (even kill -9)
     torchrun --nproc_per_node 2 -m chorus train --preset tiny --part unet --base MODEL --out runs/ddp
 """
@@ -31,9 +32,12 @@ def register(subparsers) -> None:
                         "default-scratch (the one-stage recipe from scratch)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a JSON config: a recipe {\"vae\": {...}, \"text\": {...}, \"unet\": {...}} or UNet fields")
-    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "lora", "all"],
+    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "lora", "controlnet", "all"],
                    help="which part to train (default: all, or unet when --base is given); lora: a LoRA on the "
-                        "frozen --base UNet, written to OUT/lora.safetensors (chorus.train.lora)")
+                        "frozen --base UNet, written to OUT/lora.safetensors (chorus.train.lora); controlnet: a "
+                        "ControlNet on the frozen --base, written to OUT/controlnet (chorus.train.controlnet)")
+    p.add_argument("--condition", default=None, choices=["canny", "layout", "boxes"],
+                   help="--part controlnet: the world condition it learns (layout)")
     p.add_argument("--rank", type=int, default=None, help="--part lora: the LoRA's rank (4)")
     p.add_argument("--alpha", type=float, default=None, help="--part lora: the LoRA's alpha (default: the rank)")
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
@@ -88,6 +92,45 @@ def resolve(args):
     parts = ("vae", "text", "unet") if part == "all" else (part,)
     out = Path(args.out) if args.out else _run_folder(args.resume) or Path(f"runs/{name}")
     return recipe, parts, out
+
+
+def adapter_config_from_args(args, config_cls, what: str, flags: dict, default_out):
+    """The config of a part trained on a frozen --base (a LoRA, a ControlNet) from --config / --base and the
+    flags, or on --resume the checkpoint's own (only bookkeeping flags may change); → (config, out folder).
+    `default_out(cfg)` names the folder when --out is not given."""
+    from chorus.train import checkpoint as ckpt
+    from chorus.train.config import load_config, override, read_config_file
+    out = Path(args.out) if args.out else None
+    if args.resume:
+        where = out or _run_folder(args.resume)
+        if where is None:
+            raise ChorusError(f"--resume needs the run's folder: give --out FOLDER of the earlier {what} run.")
+        state = ckpt.read_state(ckpt.latest_checkpoint(where if args.resume is True else Path(args.resume)))
+        cfg = load_config(config_cls, state["config"], "checkpoint")
+        return override(cfg, steps=args.steps, save_every=args.save_every, keep_last=args.keep,
+                        sample_every=args.sample_every, eval_every=args.eval_every), where
+    fields = read_config_file(args.config) if args.config else {}
+    flags = {"base": args.base, "steps": args.steps, "save_every": args.save_every, "keep_last": args.keep,
+             "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr, "sample_every": args.sample_every,
+             "eval_every": args.eval_every, **flags}
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    cfg = load_config(config_cls, fields, what)
+    return cfg, out or Path(default_out(cfg))
+
+
+def run_adapter(args, config_from_args, train) -> int:
+    """`chorus train --part lora|controlnet`: resolve the config, print it or train; rank 0 prints the result."""
+    from chorus.train.config import to_dict
+    from chorus.train.distributed import env_world
+    cfg, out = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    rank = env_world()[0]
+    result = train(cfg, out, progress=not args.no_progress and rank == 0, resume=args.resume)
+    if rank == 0:
+        print(result)
+    return 0
 
 
 def _run_folder(resume) -> Path | None:
@@ -172,6 +215,9 @@ def _run_train(args) -> int:
     from chorus.train.config import to_dict
     from chorus.train.distributed import env_world
     from chorus.train.recipe import run_recipe
+    if args.part == "controlnet":
+        from chorus.train.controlnet import run_from_args as run_controlnet
+        return run_controlnet(args)
     if args.part == "lora":
         from chorus.train.lora import run_from_args
         return run_from_args(args)

@@ -125,6 +125,7 @@ class Trainer:
     """The loop, checkpoints, resume and logs of one training run; a part subclasses it (see the module)."""
 
     part_name = "model"
+    component = "unet"         # the folder of a checkpoint that holds the trained model
     resume_fixed: tuple = ()   # config fields that change the mathematics of a run: a resume must keep them
 
     def __init__(self, cfg, out_dir, progress: bool = True, resume: bool | str = False, log=print):
@@ -229,7 +230,7 @@ class Trainer:
                      "config": to_dict(self.cfg)}
             try:
                 path = ckpt.save_checkpoint(self.out, self.step, self.parts, self.ema, self.trainable, self.optimizer,
-                                            state, states, self.cfg.keep_last)
+                                            state, states, self.cfg.keep_last, self.component)
                 self.logger.write({"event": "checkpoint", "step": self.step, "path": str(path)})
             except ChorusError as e:
                 error = str(e)

@@ -43,6 +43,7 @@ class Example:
     crop_top_left: tuple[int, int]
     target_size: tuple[int, int]
     alt_text: str | None = None  # a descriptive caption of the same image (the caption policy picks per visit)
+    control: np.ndarray | None = None  # (H, W, 3) uint8 condition image of a ControlNet run (kept when cached)
 
 
 def mix_seed(*parts: int) -> int:
@@ -57,24 +58,30 @@ class WorldSource:
     """The on-the-fly Shapes world: example i = make_sample(seed, i, resolution, crop)."""
 
     def __init__(self, seed: int, resolution: int, crop: bool = True, epoch_size: int | None = None,
-                 native_min: int | None = None, descriptive: bool = False):
+                 native_min: int | None = None, descriptive: bool = False, condition: str | None = None):
         self.seed, self.resolution, self.crop, self.size = seed, resolution, crop, epoch_size
-        self.native_min, self.descriptive = native_min, descriptive
+        self.native_min, self.descriptive, self.condition = native_min, descriptive, condition
 
     def get(self, index: int) -> Example:
         from chorus.world.render import RenderConfig, make_sample
         config = RenderConfig(native_min=self.native_min) if self.native_min else None
-        s = make_sample(self.seed, index, size=self.resolution, crop=self.crop, config=config)
+        s = make_sample(self.seed, index, size=self.resolution, crop=self.crop, config=config,
+                        with_instances=self.condition is not None)
+        control = None
+        if self.condition is not None:
+            from chorus.world.conditions import condition_image
+            control = condition_image(s, self.condition)
         alt = None
         if self.descriptive:
             from chorus.world.captions import describe_scene
             alt = describe_scene(np.random.default_rng([self.seed, index, 0xDE5C]), s.objects)
         return Example(index, s.image, s.caption, tuple(s.original_size), tuple(s.crop_top_left),
-                       (self.resolution, self.resolution), alt)
+                       (self.resolution, self.resolution), alt, control)
 
     def describe(self) -> str:
         n = "endless" if self.size is None else f"{self.size} examples"
-        return f"Shapes world (seed {self.seed}, {self.resolution}px, {n})"
+        c = f", {self.condition} conditions" if self.condition else ""
+        return f"Shapes world (seed {self.seed}, {self.resolution}px, {n}{c})"
 
 
 class FolderSource:
@@ -150,7 +157,11 @@ def open_source(cfg, rank: int = 0, world_size: int = 1):
     """The data source a UNetTrainConfig names: the world (data=None), a folder, or shards."""
     if cfg.data is None:
         return WorldSource(cfg.world_seed, cfg.resolution, cfg.world_crop, cfg.epoch_size,
-                           getattr(cfg, "native_min", None), getattr(cfg, "descriptive_captions", 0.0) > 0)
+                           getattr(cfg, "native_min", None), getattr(cfg, "descriptive_captions", 0.0) > 0,
+                           getattr(cfg, "condition", None))
+    if getattr(cfg, "condition", None):
+        raise ChorusError("ControlNet training renders its conditions from the Shapes world (data=None); an "
+                          "image folder or shards carry no condition images.")
     from chorus.world.formats import detect_format
     if detect_format(cfg.data) == "wds":
         return StreamSource(cfg.data, cfg.resolution, rank, world_size, cfg.world_seed, cfg.shuffle_buffer)
@@ -230,7 +241,7 @@ class Stream:
             ex = self.source.get(idx)
             if self.cacheable():
                 self.known[idx] = Example(ex.key, None, ex.text, ex.original_size, ex.crop_top_left, ex.target_size,
-                                          ex.alt_text)
+                                          ex.alt_text, ex.control)
             examples.append(ex)
         examples = [self.caption_policy(p, e) for p, e in zip(pos, examples)]
         return examples, offsets_in_batch(step, c.batch_size, pos)
@@ -244,7 +255,8 @@ class Stream:
         u = (mix_seed(self.cfg.world_seed, position, 0xCA97) % 1_000_003) / 1_000_003
         if u >= share:
             return ex
-        return Example(ex.key, ex.image, ex.alt_text, ex.original_size, ex.crop_top_left, ex.target_size, ex.alt_text)
+        return Example(ex.key, ex.image, ex.alt_text, ex.original_size, ex.crop_top_left, ex.target_size, ex.alt_text,
+                       ex.control)
 
     def cacheable(self) -> bool:
         """Latents can be cached by index: a finite indexed source."""

@@ -21,7 +21,6 @@ No EMA (ema_decay must be 0): the LoRA is small and trained briefly, as in diffu
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,9 @@ from safetensors.torch import load_file
 from chorus.errors import ChorusError
 from chorus.formats.lora import DEFAULT_TARGETS, inject_lora, kohya_metadata, merged_state_dict, save_lora
 from chorus.train import checkpoint as ckpt
-from chorus.train.config import UNetTrainConfig, load_config, override, read_config_file, to_dict
+from chorus.train.config import UNetTrainConfig, load_config
 from chorus.train.core import make_optimizer
+from chorus.train.parts import adopt_base
 from chorus.train.unet import RESUME_FIXED, UNetTrainer
 
 
@@ -68,9 +68,7 @@ class LoRATrainConfig(UNetTrainConfig):
             raise ChorusError("LoRA training keeps no EMA: set ema_decay to 0.")
         if not self.targets:
             raise ChorusError("targets must name at least one kind of layer (e.g. to_q, to_k, to_v, to_out.0).")
-        if self.embedders is None and (Path(self.base) / "conditioner.json").is_file():
-            from chorus.conditioning import read_conditioner_spec
-            self.embedders = read_conditioner_spec(Path(self.base))   # the base's own conditioner
+        adopt_base(self)   # the base's own conditioner and prediction type (ε or v)
 
 
 class _MergedUNet:
@@ -172,39 +170,19 @@ def train_lora(cfg: LoRATrainConfig | dict | str | Path, out_dir, progress: bool
 
 def config_from_args(args) -> tuple[LoRATrainConfig, Path]:
     """The LoRA config from --config / --base and the flags (or, on --resume, the checkpoint's own)."""
+    from chorus.train.cli import adapter_config_from_args
     if args.preset:
         raise ChorusError("--part lora trains on a --base model; a --preset is a whole recipe. Give --base FOLDER "
                           "(or --base default) and, if you like, a --config file of LoRA fields.")
-    out = Path(args.out) if args.out else None
-    if args.resume:
-        from chorus.train.cli import _run_folder
-        out = out or _run_folder(args.resume) or Path("runs/lora")
-        where = out if args.resume is True else Path(args.resume)
-        state = ckpt.read_state(ckpt.latest_checkpoint(where))
-        cfg = load_config(LoRATrainConfig, state["config"], "checkpoint")
-        return override(cfg, steps=args.steps, save_every=args.save_every, keep_last=args.keep,
-                        sample_every=args.sample_every, eval_every=args.eval_every), out
-    fields = read_config_file(args.config) if args.config else {}
-    flags = {"base": args.base, "steps": args.steps, "save_every": args.save_every, "keep_last": args.keep,
-             "seed": args.seed, "data": args.data, "batch_size": args.batch_size, "lr": args.lr,
-             "sample_every": args.sample_every, "eval_every": args.eval_every, "rank": getattr(args, "rank", None),
-             "alpha": getattr(args, "alpha", None)}
-    fields.update({k: v for k, v in flags.items() if v is not None})
-    cfg = load_config(LoRATrainConfig, fields, "LoRA training")
-    return cfg, out or Path(f"runs/{Path(args.config).stem if args.config else 'lora'}")
+    return adapter_config_from_args(args, LoRATrainConfig, "LoRA training",
+                                    {"data": args.data, "rank": getattr(args, "rank", None),
+                                     "alpha": getattr(args, "alpha", None)},
+                                    lambda cfg: f"runs/{Path(args.config).stem if args.config else 'lora'}")
 
 
 def run_from_args(args) -> int:
-    from chorus.train.distributed import env_world
-    cfg, out = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return 0
-    rank = env_world()[0]
-    result = train_lora(cfg, out, progress=not args.no_progress and rank == 0, resume=args.resume)
-    if rank == 0:
-        print(result)
-    return 0
+    from chorus.train.cli import run_adapter
+    return run_adapter(args, config_from_args, train_lora)
 
 
 __all__ = ["LoRATrainConfig", "LoRATrainer", "train_lora", "config_from_args", "run_from_args"]

@@ -228,3 +228,16 @@ def normalise_vae_latents(cfg, folder: Path) -> dict:
     stats = {"images": n, "mean": [round(float(v), 5) for v in mean], "std": [round(float(v), 5) for v in std]}
     ckpt.write_json(stats, folder / "latent_normalisation.json")
     return stats
+
+
+def adopt_base(cfg) -> None:
+    """An adapter of a frozen base (a LoRA, a ControlNet) trains against the base's own objective and
+    conditioner: its prediction type (ε or v, from the base's scheduler) and its embedders
+    (conditioner.json), unless the config names embedders itself. Changes `cfg` in place."""
+    base = Path(cfg.base)
+    sched = base / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        cfg.prediction_type = json.loads(sched.read_text()).get("prediction_type", "epsilon")
+    if cfg.embedders is None and (base / "conditioner.json").is_file():
+        from chorus.conditioning import read_conditioner_spec
+        cfg.embedders = read_conditioner_spec(base)

@@ -133,7 +133,7 @@ class UNetTrainer(Trainer):
         for e in stage.conditioner.embedders:
             e.to(d.device, torch.float32)
         self.setup_trainable()
-        self.model = D.wrap_ddp(self.unet, d)
+        self.model = D.wrap_ddp(self.train_module(), d)
         self.cond = TrainingConditioner(stage.conditioner, cfg, text_storage_dtype(cfg, d.device), d.device)
         self.source = open_source(cfg, d.rank, d.world_size)
         self.stream = Stream(self.source, cfg, d.rank, d.world_size)
@@ -160,6 +160,18 @@ class UNetTrainer(Trainer):
             if state.get("world_size", d.world_size) != d.world_size:
                 self.log(f"note: resuming a run of {state['world_size']} processes with {d.world_size}: the "
                          "global batch (and so the result) is the same; RNG states of extra ranks start fresh")
+
+    def train_module(self) -> torch.nn.Module:
+        """The module a step calls as model(x_t, t, **kwargs) (and DDP wraps): the UNet itself here."""
+        return self.unet
+
+    def step_kwargs(self, examples, cond) -> dict:
+        """The keyword arguments of that call for a micro-batch: the conditioning (a ControlNet adds its images)."""
+        return cond.unet_kwargs()
+
+    def adjust_draws(self, draws: StepDraws) -> StepDraws:
+        """A part may change a step's draws (a ControlNet drops all text embedders of an example together)."""
+        return draws
 
     # -- one step ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -193,6 +205,7 @@ class UNetTrainer(Trainer):
             group["lr"] = lr
         draws = step_draws(cfg.seed, self.step, cfg.batch_size, self.latent_shape,
                            self.schedule.num_train_timesteps, self.cond.rates, cfg.timestep_interval)
+        draws = self.adjust_draws(draws)
         total = torch.zeros((), device=d.device)
         for m in range(cfg.grad_accum):
             examples, sl = self.stream.micro_batch(self.step, m, self._cached)
@@ -201,18 +214,18 @@ class UNetTrainer(Trainer):
             noise = training_noise(draws, sl, cfg.offset_noise).to(d.device)
             cond = self.cond(conditioner_inputs(examples), draws.keep[:, sl])
             with D.no_sync(self.model, m < cfg.grad_accum - 1):
-                total += backward_loss(self.model, self.schedule, z0, t, noise, cond.unet_kwargs(), cfg,
-                                       self.autocast())
+                total += backward_loss(self.model, self.schedule, z0, t, noise, self.step_kwargs(examples, cond),
+                                       cfg, self.autocast())
         loss = D.all_mean(total, d)
         bad = not torch.isfinite(loss).item()
         norm = None
         if not bad and cfg.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), cfg.grad_clip)
             bad = not torch.isfinite(norm).item()
         if D.all_any(bad, d):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(self.step, loss.item(), None if norm is None else norm.item())
-        apply_update(self.unet, self.optimizer, self.ema, ema_decay_at(self.step, cfg.ema_decay))
+        apply_update(self.trainable, self.optimizer, self.ema, ema_decay_at(self.step, cfg.ema_decay))
         self.step += 1
         return {"loss": loss.item(), "grad_norm": None if norm is None else norm.item(), "lr": lr}
 
@@ -224,10 +237,13 @@ class UNetTrainer(Trainer):
         """A text-to-image pipeline over the current EMA weights, in memory."""
         from chorus.experts import Expert, ExpertEnsemble
         from chorus.pipeline import Pipeline, Stage
-        unet = self.ema if self.ema is not None else self.unet
-        stage = Stage(unet, self.stage.conditioner, self.schedule, self.cfg.prediction_type)
+        stage = Stage(self.sampling_unet(), self.stage.conditioner, self.schedule, self.cfg.prediction_type)
         sched_cfg = json.loads((self.parts / "scheduler" / "scheduler_config.json").read_text())
         return Pipeline(self.vae, ExpertEnsemble([Expert("base", stage)]), sched_cfg, name=str(self.out))
+
+    def sampling_unet(self):
+        """The UNet to sample from: the EMA weights when EMA is on."""
+        return self.ema if self.ema is not None else self.unet
 
     @torch.no_grad()
     def sample_grid(self) -> Path:

@@ -4,7 +4,10 @@
   suppression along the gradient direction, double threshold and hysteresis. Edges are 255.
 * `layout_map(instance_map, objects)` — each object's visible pixels painted in its shape's
   palette colour (`LAYOUT_PALETTE`), background black: a semantic layout (which shape where).
+* `boxes_map(instance_map, objects)` — each object's visible bounding box outlined (2 px) in its shape's
+  palette colour, later objects on top: the coarsest control (where, and which shape, but no silhouette).
 * `object_masks(instance_map, n)` — (n, H, W) bool masks; the boxes live in the objects' metadata.
+* `condition_image(sample, kind)` — the (H, W, 3) uint8 image a ControlNet of that kind is given.
 """
 from __future__ import annotations
 
@@ -103,6 +106,40 @@ def layout_map(instance_map: np.ndarray, objects: list[WorldObject]) -> np.ndarr
     for i, ob in enumerate(objects):
         lut[i + 1] = LAYOUT_PALETTE[ob.shape]
     return lut[instance_map]
+
+
+def boxes_map(instance_map: np.ndarray, objects: list[WorldObject], width: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8: the tight box of each object's visible pixels outlined in LAYOUT_PALETTE[shape]."""
+    h, w = instance_map.shape
+    out = np.zeros((h, w, 3), np.uint8)
+    for i, ob in enumerate(objects):
+        ys, xs = np.nonzero(instance_map == i + 1)
+        if len(xs) == 0:
+            continue
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        colour = LAYOUT_PALETTE[ob.shape]
+        out[y0:y1, x0:min(x0 + width, x1)] = colour
+        out[y0:y1, max(x1 - width, x0):x1] = colour
+        out[y0:min(y0 + width, y1), x0:x1] = colour
+        out[max(y1 - width, y0):y1, x0:x1] = colour
+    return out
+
+
+CONDITION_KINDS = ("canny", "layout", "boxes")
+
+
+def condition_image(sample: Sample, kind: str) -> np.ndarray:
+    """The (H, W, 3) uint8 condition image of `kind` (canny | layout | boxes) for a sample rendered with
+    instances; Canny's single channel is repeated to RGB, as ControlNet's Canny models take it."""
+    if kind not in CONDITION_KINDS:
+        raise ValueError(f"unknown condition {kind!r}; the world renders {', '.join(CONDITION_KINDS)}")
+    if sample.instance_map is None:
+        raise ValueError("conditions need the instance map: render with with_instances=True")
+    if kind == "canny":
+        return np.repeat(canny(sample.image)[..., None], 3, axis=2)
+    if kind == "layout":
+        return layout_map(sample.instance_map, sample.objects)
+    return boxes_map(sample.instance_map, sample.objects)
 
 
 def object_masks(instance_map: np.ndarray, n: int) -> np.ndarray:
