@@ -116,3 +116,20 @@ def test_cli_bad_input_exits_nonzero_without_output(tmp_path, source, capsys, ar
     assert main(base + args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("folder", ["sd_folder", "sd2v_folder"])
+def test_works_on_sd_folders_eps_and_v(folder, request):
+    """SD 1.x (ε) and 2.x (v) diffusers folders: the layers are found by name (this tiny UNet's decoder has layers
+    0–3, self-attention in 2–3), the edit runs, injection changes it, and no hook is left behind."""
+    sd = Pipeline.from_pretrained(request.getfixturevalue(folder))
+    assert [la["self_attention"] is not None for la in decoder_layers(sd.base.unet)] == [False, False, True, True]
+    image = Image.fromarray(make_sample(1, 0, size=32).image)
+    inv = ddim_inversion(sd, encode_mean(sd, image), 20, progress=False)
+    kw = dict(num_inference_steps=8, guidance_scale=4.0, output_type="latent", progress=False)
+    plain = sd("a red square", latents=inv.final.clone(), sampler="ddim", **kw).latents
+    inj = sd("a red square", latents=inv.final.clone(), sampler="ddim",
+             controls=[PlugAndPlay(inv, 1.0, 1.0, feature_layers=(2,), attention_layers=(2, 3))], **kw).latents
+    assert (inj - plain).abs().max() > 1e-4
+    again = sd("a red square", latents=inv.final.clone(), sampler="ddim", **kw).latents
+    assert torch.equal(plain, again)
