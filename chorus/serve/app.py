@@ -165,7 +165,9 @@ def create_app(engine: Engine, api_key: str | None = None, manage_engine: bool =
                             sampler=body.get("sampler"), scheduler=body.get("scheduler"), steps=body.get("steps"),
                             guidance=body.get("guidance"), seed=body.get("seed"), width=body.get("width"),
                             height=body.get("height"), n=body.get("n", body.get("batch")), init_image=init,
-                            strength=body.get("strength"))
+                            strength=body.get("strength"), edit_method=body.get("edit_method"),
+                            tau_f=body.get("tau_f"), tau_attn=body.get("tau_attn"),
+                            inversion_steps=body.get("inversion_steps"))
         job = engine.submit(req, "page" if body.get("source") == "page" else "api")
         return JSONResponse(job_json(job), status_code=202)
 

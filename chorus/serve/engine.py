@@ -125,11 +125,15 @@ class GenRequest:
     init_image: object = None        # a PIL image for img2img (dropped when the job ends)
     strength: float | None = None    # img2img only
     kind: str = "txt2img"            # or "img2img"
+    edit_method: str = "sdedit"      # img2img: sdedit (noise to strength) or pnp (Plug-and-Play, chorus.controls)
+    tau_f: float = 0.8               # pnp: share of steps with feature injection
+    tau_attn: float = 0.5            # pnp: share of steps with self-attention injection
+    inversion_steps: int = 200       # pnp: DDIM inversion steps
 
     @property
     def run_steps(self) -> int:
-        """Sampler steps per image: img2img runs only the last int(steps·strength) steps."""
-        if self.kind != "img2img" or self.strength is None or self.strength >= 1.0:
+        """Sampler steps per image: img2img runs only the last int(steps·strength) steps (Plug-and-Play all)."""
+        if self.kind != "img2img" or self.edit_method == "pnp" or self.strength is None or self.strength >= 1.0:
             return self.steps
         return min(int(self.steps * self.strength), self.steps)
 
@@ -166,6 +170,7 @@ def _field(name, value, kind, default=None):
 
 def build_request(engine: "Engine", *, prompt, negative=None, model=None, sampler=None, scheduler=None, steps=None,
                   guidance=None, seed=None, width=None, height=None, n=None, init_image=None, strength=None,
+                  edit_method=None, tau_f=None, tau_attn=None, inversion_steps=None,
                   names: dict | None = None) -> GenRequest:
     """Validate raw client values into a GenRequest; ApiError(422) naming the bad field otherwise.
 
@@ -233,10 +238,22 @@ def build_request(engine: "Engine", *, prompt, negative=None, model=None, sample
             init_image = init_image.resize((sides["width"], sides["height"]), Image.LANCZOS)
     else:
         strength = None
+    edit = {"edit_method": _field("edit_method", edit_method, str, "sdedit")}
+    if edit["edit_method"] not in ("sdedit", "pnp"):
+        raise ApiError(422, f"edit_method must be sdedit or pnp (Plug-and-Play), got {edit['edit_method']!r}.")
+    for key, value, default in (("tau_f", tau_f, 0.8), ("tau_attn", tau_attn, 0.5)):
+        edit[key] = _field(key, value, float, default)
+        if not 0.0 <= edit[key] <= 1.0:
+            raise ApiError(422, f"{key} is a fraction of the steps and must be in [0, 1], got {edit[key]:g}.")
+    edit["inversion_steps"] = _field("inversion_steps", inversion_steps, int, 200)
+    if not 1 <= edit["inversion_steps"] <= MAX_STEPS * 10:
+        raise ApiError(422, f"inversion_steps must be between 1 and {MAX_STEPS * 10}, got {edit['inversion_steps']}.")
+    if edit["edit_method"] == "pnp" and init_image is None:
+        raise ApiError(422, "edit_method pnp edits an image: give init_image.")
     return GenRequest(prompt=prompt, model=model_name, negative=negative, sampler=sampler_name, karras=karras,
                       steps=steps, guidance=guidance, seed=seed, width=sides["width"], height=sides["height"], n=n,
                       init_image=init_image, strength=strength,
-                      kind="img2img" if init_image is not None else "txt2img")
+                      kind="img2img" if init_image is not None else "txt2img", **edit)
 
 
 def decode_image(data, field_name: str):
@@ -580,11 +597,19 @@ class Engine:
                 job.image_index, job.step = k, 0
                 job.touch()
                 seed = r.seed + k
-                out = pipe(r.prompt, negative_prompt=r.negative, num_inference_steps=r.steps,
-                           guidance_scale=r.guidance, height=r.height, width=r.width,
-                           generator=torch.Generator("cpu").manual_seed(seed), sampler=r.sampler, karras=r.karras,
-                           image=init, strength=r.strength if r.strength is not None else 1.0,
-                           callback=callback, progress=False)
+                if r.kind == "img2img" and r.edit_method == "pnp":   # the inversion is shared by the n images
+                    inversion = getattr(job, "inversion", None)
+                    out = pipe.edit(init, r.prompt, method="pnp", tau_f=r.tau_f, tau_attn=r.tau_attn,
+                                    inversion_steps=r.inversion_steps, num_inference_steps=r.steps,
+                                    guidance_scale=r.guidance, negative_prompt=r.negative, seed=seed,
+                                    inversion=inversion, callback=callback, progress=False)
+                    job.inversion = out.inversion
+                else:
+                    out = pipe(r.prompt, negative_prompt=r.negative, num_inference_steps=r.steps,
+                               guidance_scale=r.guidance, height=r.height, width=r.width,
+                               generator=torch.Generator("cpu").manual_seed(seed), sampler=r.sampler,
+                               karras=r.karras, image=init, strength=r.strength if r.strength is not None else 1.0,
+                               callback=callback, progress=False)
                 settings = {"prompt": r.prompt, "negative": r.negative, "seed": seed, "steps": r.steps,
                             "sampler": r.sampler, "guidance": r.guidance, "size": f"{r.height}x{r.width}",
                             "model": entry.spec, "model_name": entry.name, "refiner": None, "controlnet": None,
@@ -593,6 +618,9 @@ class Engine:
                     settings["karras"] = r.karras
                 if r.kind == "img2img":
                     settings["mode"], settings["strength"] = "img2img", r.strength
+                    if r.edit_method == "pnp":
+                        settings.update(mode="edit", method="pnp", tau_f=r.tau_f, tau_attn=r.tau_attn,
+                                        inversion_steps=r.inversion_steps, sampler="ddim")
                 info = infotext(settings, entry.name)
                 result = Result(job.id, k, make_png(out.images[0], settings, info), seed, settings, info)
                 with self._cv:

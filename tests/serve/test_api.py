@@ -428,3 +428,20 @@ def test_serve_without_starlette_says_what_to_install(monkeypatch, capsys):
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'chorus-diffusion[serve]'" in err.replace("\n", " ") and "Traceback" not in err
+
+
+def test_plug_and_play_edit_job(client):
+    """The studio's edit: edit_method pnp runs Plug-and-Play (chorus.controls) on the queue; its PNG says so."""
+    init = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "seed": 1}).json()["images"][0]
+    r = client.post("/api/jobs", json={"prompt": "a blue circle", "init_image": init, "steps": 4, "seed": 2, "n": 2,
+                                       "edit_method": "pnp", "tau_f": 0.8, "tau_attn": 0.5, "inversion_steps": 8})
+    assert r.status_code == 202, r.text
+    events = sse_events(client, r.json()["id"])
+    done = events[-1][1]
+    assert done["state"] == "done" and done["steps"] == 4, done
+    im = png_of(done["images_data"][1].split(",", 1)[1])
+    s = json.loads(im.text["chorus"])
+    assert s["method"] == "pnp" and s["tau_f"] == 0.8 and s["inversion_steps"] == 8
+    bad = client.post("/api/jobs", json={"prompt": "x", "init_image": init, "edit_method": "pnp", "tau_f": 2})
+    assert bad.status_code == 422 and "tau_f" in bad.json()["error"]
+    assert client.post("/api/jobs", json={"prompt": "x", "edit_method": "pnp"}).status_code == 422

@@ -143,6 +143,11 @@ async function requestBody() {
     if (!file) throw new Error("img2img needs an init image: choose a file.");
     body.init_image = await readFileAsDataURL(file);
     body.strength = parseFloat($("strength").value);
+    body.edit_method = $("edit-method").value;
+    if (body.edit_method === "pnp") {
+      body.tau_f = parseFloat($("tau-f").value);
+      body.tau_attn = parseFloat($("tau-attn").value);
+    }
   }
   return body;
 }
