@@ -161,13 +161,16 @@ def create_app(engine: Engine, api_key: str | None = None, manage_engine: bool =
         body = await read_json(request)
         init = body.get("init_image")
         init = decode_image(init, "init_image") if init not in (None, "") else None
+        cimg = body.get("control_image")
+        cimg = decode_image(cimg, "control_image") if cimg not in (None, "") else None
         req = build_request(engine, prompt=body.get("prompt"), negative=body.get("negative"), model=body.get("model"),
                             sampler=body.get("sampler"), scheduler=body.get("scheduler"), steps=body.get("steps"),
                             guidance=body.get("guidance"), seed=body.get("seed"), width=body.get("width"),
                             height=body.get("height"), n=body.get("n", body.get("batch")), init_image=init,
                             strength=body.get("strength"), edit_method=body.get("edit_method"),
                             tau_f=body.get("tau_f"), tau_attn=body.get("tau_attn"),
-                            inversion_steps=body.get("inversion_steps"))
+                            inversion_steps=body.get("inversion_steps"), controlnet=body.get("controlnet"),
+                            control_image=cimg, control_scale=body.get("control_scale"))
         job = engine.submit(req, "page" if body.get("source") == "page" else "api")
         return JSONResponse(job_json(job), status_code=202)
 

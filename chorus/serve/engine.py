@@ -129,6 +129,9 @@ class GenRequest:
     tau_f: float = 0.8               # pnp: share of steps with feature injection
     tau_attn: float = 0.5            # pnp: share of steps with self-attention injection
     inversion_steps: int = 200       # pnp: DDIM inversion steps
+    controlnet: str | None = None    # a ControlNet folder / file or default-<condition> (a control of this job)
+    control_image: object = None     # its condition image (PIL)
+    control_scale: float = 1.0
 
     @property
     def run_steps(self) -> int:
@@ -170,8 +173,8 @@ def _field(name, value, kind, default=None):
 
 def build_request(engine: "Engine", *, prompt, negative=None, model=None, sampler=None, scheduler=None, steps=None,
                   guidance=None, seed=None, width=None, height=None, n=None, init_image=None, strength=None,
-                  edit_method=None, tau_f=None, tau_attn=None, inversion_steps=None,
-                  names: dict | None = None) -> GenRequest:
+                  edit_method=None, tau_f=None, tau_attn=None, inversion_steps=None, controlnet=None,
+                  control_image=None, control_scale=None, names: dict | None = None) -> GenRequest:
     """Validate raw client values into a GenRequest; ApiError(422) naming the bad field otherwise.
 
     `names` maps our field names to the client's (e.g. guidance -> cfg_scale) for the messages."""
@@ -250,6 +253,20 @@ def build_request(engine: "Engine", *, prompt, negative=None, model=None, sample
         raise ApiError(422, f"inversion_steps must be between 1 and {MAX_STEPS * 10}, got {edit['inversion_steps']}.")
     if edit["edit_method"] == "pnp" and init_image is None:
         raise ApiError(422, "edit_method pnp edits an image: give init_image.")
+    controlnet = _field("controlnet", controlnet, str) or None
+    if controlnet is not None:
+        from chorus.paths import resolve_controlnet
+        if not Path(resolve_controlnet(controlnet)).exists():
+            raise ApiError(422, f"controlnet {controlnet!r} is neither a folder or file nor a shipped name "
+                                "(default-layout).")
+        if control_image is None:
+            raise ApiError(422, "controlnet needs control_image (the condition image: edges, a layout, …).")
+        edit["controlnet"], edit["control_image"] = controlnet, control_image.convert("RGB")
+        edit["control_scale"] = _field("control_scale", control_scale, float, 1.0)
+        if not 0.0 <= edit["control_scale"] <= 10.0:
+            raise ApiError(422, f"control_scale must be between 0 and 10, got {edit['control_scale']:g}.")
+    elif control_image is not None:
+        raise ApiError(422, "control_image was given without a controlnet.")
     return GenRequest(prompt=prompt, model=model_name, negative=negative, sampler=sampler_name, karras=karras,
                       steps=steps, guidance=guidance, seed=seed, width=sides["width"], height=sides["height"], n=n,
                       init_image=init_image, strength=strength,
@@ -567,8 +584,6 @@ class Engine:
                     self.running = None
 
     def _run(self, job: Job):
-        import torch
-        from chorus.serve.metadata import infotext, make_png
         r = job.request
         job.state, job.started = "running", time.time()
         job.touch()
@@ -591,43 +606,13 @@ class Engine:
                         job.preview, job.preview_step = preview, job.step
                 job.touch()
 
-            for k in range(r.n):
-                if job.cancel.is_set():
-                    raise _Interrupted
-                job.image_index, job.step = k, 0
-                job.touch()
-                seed = r.seed + k
-                if r.kind == "img2img" and r.edit_method == "pnp":   # the inversion is shared by the n images
-                    inversion = getattr(job, "inversion", None)
-                    out = pipe.edit(init, r.prompt, method="pnp", tau_f=r.tau_f, tau_attn=r.tau_attn,
-                                    inversion_steps=r.inversion_steps, num_inference_steps=r.steps,
-                                    guidance_scale=r.guidance, negative_prompt=r.negative, seed=seed,
-                                    inversion=inversion, callback=callback, progress=False)
-                    job.inversion = out.inversion
-                else:
-                    out = pipe(r.prompt, negative_prompt=r.negative, num_inference_steps=r.steps,
-                               guidance_scale=r.guidance, height=r.height, width=r.width,
-                               generator=torch.Generator("cpu").manual_seed(seed), sampler=r.sampler,
-                               karras=r.karras, image=init, strength=r.strength if r.strength is not None else 1.0,
-                               callback=callback, progress=False)
-                settings = {"prompt": r.prompt, "negative": r.negative, "seed": seed, "steps": r.steps,
-                            "sampler": r.sampler, "guidance": r.guidance, "size": f"{r.height}x{r.width}",
-                            "model": entry.spec, "model_name": entry.name, "refiner": None, "controlnet": None,
-                            "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None}
-                if r.karras is not None:
-                    settings["karras"] = r.karras
-                if r.kind == "img2img":
-                    settings["mode"], settings["strength"] = "img2img", r.strength
-                    if r.edit_method == "pnp":
-                        settings.update(mode="edit", method="pnp", tau_f=r.tau_f, tau_attn=r.tau_attn,
-                                        inversion_steps=r.inversion_steps, sampler="ddim")
-                info = infotext(settings, entry.name)
-                result = Result(job.id, k, make_png(out.images[0], settings, info), seed, settings, info)
-                with self._cv:
-                    job.results.append(result)
-                    self.gallery.append(result)
-                job.step = job.steps
-                job.touch()
+            saved_controls = list(pipe.base.controls)
+            if r.controlnet:
+                pipe.base.controls = [self._controlnet(r.controlnet)]
+            try:
+                self._images(job, pipe, entry, init, callback)
+            finally:
+                pipe.base.controls = saved_controls
             self._finish(job, "done")
         except _Interrupted:
             job.interrupt_reason = job.interrupt_reason or "interrupted"
@@ -639,6 +624,62 @@ class Engine:
             self._log(f"chorus serve: job {job.id} failed:\n{traceback.format_exc()}")
             job.error, job.error_status = f"internal error: {type(e).__name__}: {e}", 500
             self._finish(job, "error")
+
+    def _controlnet(self, name: str):
+        """A ControlNet by name, loaded once and kept (they are small beside their base)."""
+        cache = self.__dict__.setdefault("_controlnets", {})
+        if name not in cache:
+            from chorus.formats.single_file import load_controlnet
+            from chorus.paths import resolve_controlnet
+            cache[name] = load_controlnet(resolve_controlnet(name))
+        return cache[name]
+
+    def _images(self, job, pipe, entry, init, callback):
+        import torch
+        from chorus.serve.metadata import infotext, make_png
+        r = job.request
+        for k in range(r.n):
+            if job.cancel.is_set():
+                raise _Interrupted
+            job.image_index, job.step = k, 0
+            job.touch()
+            seed = r.seed + k
+            extra = {}
+            if r.controlnet:
+                extra = {"control_image": r.control_image, "controlnet_conditioning_scale": r.control_scale}
+            if r.kind == "img2img" and r.edit_method == "pnp":   # the inversion is shared by the n images
+                inversion = getattr(job, "inversion", None)
+                out = pipe.edit(init, r.prompt, method="pnp", tau_f=r.tau_f, tau_attn=r.tau_attn,
+                                inversion_steps=r.inversion_steps, num_inference_steps=r.steps,
+                                guidance_scale=r.guidance, negative_prompt=r.negative, seed=seed,
+                                inversion=inversion, callback=callback, progress=False, **extra)
+                job.inversion = out.inversion
+            else:
+                out = pipe(r.prompt, negative_prompt=r.negative, num_inference_steps=r.steps,
+                           guidance_scale=r.guidance, height=r.height, width=r.width,
+                           generator=torch.Generator("cpu").manual_seed(seed), sampler=r.sampler,
+                           karras=r.karras, image=init, strength=r.strength if r.strength is not None else 1.0,
+                           callback=callback, progress=False, **extra)
+            settings = {"prompt": r.prompt, "negative": r.negative, "seed": seed, "steps": r.steps,
+                        "sampler": r.sampler, "guidance": r.guidance, "size": f"{r.height}x{r.width}",
+                        "model": entry.spec, "model_name": entry.name, "refiner": None, "controlnet": None,
+                        "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None}
+            if r.karras is not None:
+                settings["karras"] = r.karras
+            if r.controlnet:
+                settings["controlnet"], settings["control_scale"] = r.controlnet, r.control_scale
+            if r.kind == "img2img":
+                settings["mode"], settings["strength"] = "img2img", r.strength
+                if r.edit_method == "pnp":
+                    settings.update(mode="edit", method="pnp", tau_f=r.tau_f, tau_attn=r.tau_attn,
+                                    inversion_steps=r.inversion_steps, sampler="ddim")
+            info = infotext(settings, entry.name)
+            result = Result(job.id, k, make_png(out.images[0], settings, info), seed, settings, info)
+            with self._cv:
+                job.results.append(result)
+                self.gallery.append(result)
+            job.step = job.steps
+            job.touch()
 
     @staticmethod
     def _preview(pipe, denoised) -> bytes | None:

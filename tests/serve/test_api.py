@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
@@ -445,3 +446,26 @@ def test_plug_and_play_edit_job(client):
     bad = client.post("/api/jobs", json={"prompt": "x", "init_image": init, "edit_method": "pnp", "tau_f": 2})
     assert bad.status_code == 422 and "tau_f" in bad.json()["error"]
     assert client.post("/api/jobs", json={"prompt": "x", "edit_method": "pnp"}).status_code == 422
+
+
+def test_controlnet_job(client, tmp_path):
+    """A job with a ControlNet and its condition image; a zero-initialised one leaves the image as it was."""
+    from chorus.models import ControlNet, UNet
+    from chorus.pipeline import default_model_path
+    unet = UNet.from_pretrained(default_model_path() / "unet")
+    ControlNet.from_unet(unet, (16, 32, 96)).save_pretrained(tmp_path / "cn")
+    cond = io.BytesIO()
+    Image.new("RGB", (64, 64), (230, 25, 75)).save(cond, format="PNG")
+    cond = base64.b64encode(cond.getvalue()).decode()
+    body = {"prompt": "a red circle", "steps": 3, "seed": 4, "n": 1}
+    plain = sse_events(client, client.post("/api/jobs", json=body).json()["id"])[-1][1]
+    r = client.post("/api/jobs", json={**body, "controlnet": str(tmp_path / "cn"), "control_image": cond})
+    assert r.status_code == 202, r.text
+    done = sse_events(client, r.json()["id"])[-1][1]
+    assert done["state"] == "done", done
+    a, b = (png_of(d["images_data"][0].split(",", 1)[1]) for d in (plain, done))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert json.loads(b.text["chorus"])["controlnet"] == str(tmp_path / "cn")
+    assert client.post("/api/jobs", json={**body, "controlnet": str(tmp_path / "cn")}).status_code == 422
+    bad = client.post("/api/jobs", json={**body, "controlnet": "default-nothing", "control_image": cond})
+    assert bad.status_code == 422 and "controlnet" in bad.json()["error"]

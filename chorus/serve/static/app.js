@@ -138,6 +138,13 @@ async function requestBody() {
     n: parseInt($("batch").value, 10),
     seed: $("seed-random").checked ? -1 : parseInt($("seed").value, 10),
   };
+  if ($("controlnet").value.trim()) {
+    const cfile = $("control-image").files[0];
+    if (!cfile) throw new Error("A ControlNet needs its condition image: choose a file.");
+    body.controlnet = $("controlnet").value.trim();
+    body.control_image = await readFileAsDataURL(cfile);
+    body.control_scale = parseFloat($("control-scale").value);
+  }
   if (mode() === "img2img") {
     const file = $("init-image").files[0];
     if (!file) throw new Error("img2img needs an init image: choose a file.");
