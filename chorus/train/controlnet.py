@@ -24,7 +24,6 @@ OUT/checkpoints/step-N/ (the base's parts, its unet/, controlnet/ = EMA weights,
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from chorus.errors import ChorusError
 from chorus.train import checkpoint as ckpt
 from chorus.train.config import UNetTrainConfig, load_config
-from chorus.train.core import StepDraws, make_optimizer
+from chorus.train.core import StepDraws
 from chorus.train.parts import adopt_base
 from chorus.train.unet import RESUME_FIXED, UNetTrainer
 
@@ -153,12 +152,7 @@ class ControlNetTrainer(UNetTrainer):
             torch.manual_seed(cfg.seed)
             self.controlnet = ControlNet.from_unet(self.unet, hint_channels_for(factor, cfg.hint_channels)).float()
         self.controlnet.to(d.device).train().requires_grad_(True)
-        self.ema = copy.deepcopy(self.controlnet).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
-        self.optimizer = make_optimizer(self.controlnet, cfg)
-        self.step = 0
-        if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.controlnet, self.ema, self.optimizer, d.rank)
-            self.step = int(state["step"])
+        self.start_training(self.controlnet)
         self._probe = None
 
     def sampling_unet(self):

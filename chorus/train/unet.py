@@ -149,13 +149,18 @@ class UNetTrainer(Trainer):
 
     def setup_trainable(self) -> None:
         """What is trained and how it resumes: the whole UNet with its EMA (a LoRA part overrides this)."""
-        cfg, d = self.cfg, self.d
         self.unet.requires_grad_(True)
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
-        self.optimizer = make_optimizer(self.unet, cfg)
+        self.start_training(self.unet)
+
+    def start_training(self, model: torch.nn.Module) -> None:
+        """The EMA copy, AdamW and (on --resume) the checkpoint's weights, moments, RNG and step, for the
+        module being trained."""
+        cfg, d = self.cfg, self.d
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+        self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.unet, self.ema, self.optimizer, d.rank)
+            state = ckpt.load_checkpoint(self.resume_from, model, self.ema, self.optimizer, d.rank)
             self.step = int(state["step"])
             if state.get("world_size", d.world_size) != d.world_size:
                 self.log(f"note: resuming a run of {state['world_size']} processes with {d.world_size}: the "
