@@ -49,6 +49,15 @@ class Stage:
     controls: list = field(default_factory=list)   # ControlNet models adding residuals to this UNet's skips
 
 
+def micro_inputs(n: int, size: tuple[int, int], original_size=None, crop_top_left=(0, 0), target_size=None,
+                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> dict[str, list]:
+    """The micro-conditioning inputs of n prompts (SDXL's sizes and crop, the refiner's aesthetic scores);
+    original and target size default to the output size."""
+    return {"original_size": [tuple(original_size or size)] * n, "crop_top_left": [tuple(crop_top_left)] * n,
+            "target_size": [tuple(target_size or size)] * n, "aesthetic_score": [aesthetic_score] * n,
+            "negative_aesthetic_score": [negative_aesthetic_score] * n}
+
+
 @dataclass
 class PipelineOutput:
     images: list                         # PIL images, prompt-major (all images of prompt 0 first)
@@ -353,11 +362,8 @@ class Pipeline:
                 tuple(crop_top_left) != tuple(crops_coords_top_left):
             raise ChorusError("Give crops_coords_top_left (diffusers' name) or crop_top_left, not two different values.")
         crop_top_left = crop_top_left if crop_top_left is not None else (crops_coords_top_left or (0, 0))
-        micro = {"original_size": [tuple(original_size or size)] * len(prompts),
-                 "crop_top_left": [tuple(crop_top_left)] * len(prompts),
-                 "target_size": [tuple(target_size or size)] * len(prompts),
-                 "aesthetic_score": [aesthetic_score] * len(prompts),
-                 "negative_aesthetic_score": [negative_aesthetic_score] * len(prompts)}
+        micro = micro_inputs(len(prompts), size, original_size, crop_top_left, target_size, aesthetic_score,
+                             negative_aesthetic_score)
 
         # the sampling schedule, from the base expert's scheduler config
         cfg = self.scheduler_config
@@ -505,7 +511,9 @@ class Pipeline:
                              "float32 (set force_upcast in the VAE's config.json to do so at once)")
         return images
 
-    def encode_image(self, image, batch: int, gens) -> torch.Tensor:
+    def encode_image(self, image, batch: int, gens, mean: bool = False) -> torch.Tensor:
+        """z_0 = s·(z − shift), z drawn from q(z | x) with the generator (img2img), or its mean (`mean=True`:
+        the latent Plug-and-Play inverts)."""
         if isinstance(image, Image.Image):
             arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
             image = torch.from_numpy(arr).permute(2, 0, 1)[None]
@@ -516,7 +524,7 @@ class Pipeline:
         with self._vae_in(dtype):
             posterior = self.vae.encode(image)
             g = gens[0] if isinstance(gens, list) else gens
-            z = posterior.sample(generator=g)
+            z = posterior.mode() if mean else posterior.sample(generator=g)
         cfg = self.vae.config
         return ((z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).float().cpu()
 

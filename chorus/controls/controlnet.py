@@ -78,9 +78,6 @@ class ControlNetControl(Control):
                            added_cond_kwargs=added, guess_mode=self.guess_mode)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-    # the callable form of earlier versions: control(x, t, kwargs) → extra kwargs
-    __call__ = unet_call
-
 
 CONTROLNET_MATCHED = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
                       "down_block_types", "transformer_layers_per_block", "addition_embed_type",

@@ -68,23 +68,25 @@ class Inversion:
         return self.trajectory[int(keys[np.abs(keys - t).argmin()])]
 
 
+def check_edit_size(pipe, width: int, height: int) -> None:
+    """An edited image's sides must be multiples of the VAE factor."""
+    f = pipe.vae_scale_factor
+    if width % f or height % f:
+        raise ChorusError(f"The image is {width}×{height} pixels; an edit needs both sides to be multiples of the "
+                          f"VAE factor {f} (resize or crop it first).")
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or a (B, 3, H, W) tensor."""
+    return (image.width, image.height) if hasattr(image, "width") else (image.shape[-1], image.shape[-2])
+
+
 @torch.no_grad()
 def encode_mean(pipe, image) -> torch.Tensor:
     """z_0 = s·(mean of q(z | x) − shift) of a PIL image or a (B, 3, H, W) tensor in [−1, 1]."""
-    from PIL import Image
-    if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        image = torch.from_numpy(arr).permute(2, 0, 1)[None]
-    f = pipe.vae_scale_factor
-    if image.shape[-1] % f or image.shape[-2] % f:
-        raise ChorusError(f"The image is {image.shape[-1]}×{image.shape[-2]} pixels; an edit needs both sides to be "
-                          f"multiples of the VAE factor {f} (resize or crop it first).")
-    vae = pipe.vae
-    dtype = torch.float32 if pipe._vae_needs_upcast() else vae.dtype
-    with pipe._vae_in(dtype):
-        z = vae.encode(image.to(vae.device, dtype)).mode()
-    cfg = vae.config
-    return ((z.float() - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).cpu()
+    check_edit_size(pipe, *image_size(image))
+    batch = 1 if hasattr(image, "width") else image.shape[0]
+    return pipe.encode_image(image, batch, None, mean=True)
 
 
 @torch.no_grad()
@@ -95,11 +97,10 @@ def ddim_inversion(pipe, z0: torch.Tensor, steps: int, prompt: str = "", spacing
     if not isinstance(steps, int) or steps < 1:
         raise ChorusError(f"inversion steps must be a whole number of at least 1, got {steps!r}.")
     stage = pipe.base
+    from chorus.pipeline import micro_inputs
     b = z0.shape[0]
     h, w = z0.shape[-2] * pipe.vae_scale_factor, z0.shape[-1] * pipe.vae_scale_factor
-    micro = {"original_size": [(h, w)] * b, "crop_top_left": [(0, 0)] * b, "target_size": [(h, w)] * b,
-             "aesthetic_score": [6.0] * b, "negative_aesthetic_score": [2.5] * b}
-    cond, _ = pipe.encode_prompt(stage, [prompt] * b, None, micro, False, 1)
+    cond, _ = pipe.encode_prompt(stage, [prompt] * b, None, micro_inputs(b, (h, w)), False, 1)
     cfg = pipe.scheduler_config
     sigmas, timesteps = S.get_schedule(stage.schedule, steps, sampler="ddim",
                                        spacing=spacing or cfg.get("timestep_spacing", "leading"),
@@ -151,10 +152,8 @@ class PlugAndPlay(Control):
         b = run.batch
         if self.inversion.z0.shape[0] not in (1, b):
             raise ChorusError(f"The inversion holds {self.inversion.z0.shape[0]} images for a batch of {b}.")
-        micro = {"original_size": [(run.height, run.width)] * b, "crop_top_left": [(0, 0)] * b,
-                 "target_size": [(run.height, run.width)] * b, "aesthetic_score": [6.0] * b,
-                 "negative_aesthetic_score": [2.5] * b}
-        inputs = {"prompt": [self.source_prompt] * b, **micro}
+        from chorus.pipeline import micro_inputs
+        inputs = {"prompt": [self.source_prompt] * b, **micro_inputs(b, (run.height, run.width))}
         src = run.stage.conditioner({k: v for k, v in inputs.items() if k in run.stage.conditioner.input_keys},
                                     dtype=run.unet.dtype, device=run.unet.device)
         self.source_kwargs = src.unet_kwargs()
@@ -215,7 +214,7 @@ def edit(pipe, image, prompt, method: str = "pnp", strength: float = 0.75, tau_f
     if method == "sdedit":
         if not 0.0 < strength <= 1.0:
             raise ChorusError(f"strength must be in (0, 1], got {strength}.")
-        encode_mean(pipe, image)   # refuses a size that is not a multiple of the VAE factor
+        check_edit_size(pipe, *image_size(image))
         return pipe(prompt, image=image, strength=strength, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance, negative_prompt=negative_prompt, seed=seed, sampler="ddim",
                     progress=progress, **kwargs)
@@ -238,4 +237,4 @@ def edit(pipe, image, prompt, method: str = "pnp", strength: float = 0.75, tau_f
     return out
 
 
-__all__ = ["PlugAndPlay", "Inversion", "ddim_inversion", "encode_mean", "edit", "decoder_layers"]
+__all__ = ["PlugAndPlay", "Inversion", "ddim_inversion", "encode_mean", "check_edit_size", "edit", "decoder_layers"]

@@ -406,6 +406,7 @@ class Engine:
         self.loading: str | None = None
         self.load_error: str | None = None
         self._pipe = None
+        self._controlnets: dict = {}   # ControlNets of jobs, by name, loaded once
         self._pipe_name: str | None = None
         self._cv = threading.Condition()
         self._pending: deque[Job] = deque()
@@ -627,7 +628,7 @@ class Engine:
 
     def _controlnet(self, name: str):
         """A ControlNet by name, loaded once and kept (they are small beside their base)."""
-        cache = self.__dict__.setdefault("_controlnets", {})
+        cache = self._controlnets
         if name not in cache:
             from chorus.formats.single_file import load_controlnet
             from chorus.paths import resolve_controlnet
