@@ -81,3 +81,75 @@ class ExpertEnsemble:
             x = sampler(make_denoiser(expert), x, seg, **kwargs, **sliced)
             first += steps
         return x
+
+
+# --- a model folder that holds its experts ------------------------------------------------------------
+
+EXPERTS_FILE = "experts.json"
+
+
+def read_experts_spec(folder) -> list[dict] | None:
+    """The experts of a model folder (experts.json), checked; None for a folder with one denoiser.
+
+        {"experts": [{"name": "high", "unet": "unet",      "start": 0.0, "end": 0.5},
+                     {"name": "low",  "unet": "unet_low",  "start": 0.5, "end": 1.0}]}
+
+    Each expert names either `unet` (a UNet folder inside this one, sharing its VAE, conditioner and
+    schedule) or `folder` (a whole pipeline folder inside this one: its own architecture and conditioner
+    over the same latent space). `start`/`end` are fractions of the sampling schedule (0 = pure noise).
+    """
+    import json
+    from pathlib import Path
+    path = Path(folder) / EXPERTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ChorusError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    entries = data.get("experts") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ChorusError(f"{path} must hold {{\"experts\": [...]}} with at least one expert.")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or ("unet" in e) == ("folder" in e):
+            raise ChorusError(f"{path}: expert {i} must be an object naming exactly one of \"unet\" (a UNet folder) "
+                              "or \"folder\" (a pipeline folder).")
+        where = Path(folder) / (e.get("unet") or e.get("folder"))
+        if not where.is_dir():
+            raise ChorusError(f"{path}: expert {i} ({e.get('name', i)}) points to {where}, which does not exist.")
+        try:
+            start, end = float(e["start"]), float(e["end"])
+        except (KeyError, TypeError, ValueError):
+            raise ChorusError(f"{path}: expert {i} needs numeric \"start\" and \"end\" (fractions of the "
+                              "schedule, 0 = pure noise).") from None
+        out.append({"name": str(e.get("name", f"e{i}")), "unet": e.get("unet"), "folder": e.get("folder"),
+                    "start": start, "end": end})
+    ExpertEnsemble([Expert(e["name"], None, e["start"], e["end"]) for e in out])   # covers [0, 1] in order
+    return out
+
+
+def split_edges(splits) -> list[float]:
+    """[0, s_1, …, s_k, 1] from the hand-over points s_i (fractions of the sampling schedule, 0 = pure
+    noise), checked to be strictly increasing inside (0, 1)."""
+    cuts = [float(s) for s in splits]
+    if any(not 0.0 < s < 1.0 for s in cuts) or any(a >= b for a, b in zip(cuts, cuts[1:])):
+        raise ChorusError(f"Expert splits must be increasing fractions strictly between 0 and 1 (where one expert "
+                          f"hands over to the next; 0 = pure noise), got {list(splits)}.")
+    return [0.0, *cuts, 1.0]
+
+
+def training_interval(start: float, end: float) -> tuple[float, float]:
+    """The training timesteps of the expert that owns [start, end) of the sampling schedule, as fractions of
+    [0, T) with t = 0 clean (the trainer's timestep_interval): sampling runs from t = T down to 0."""
+    return (round(1.0 - end, 6), round(1.0 - start, 6))
+
+
+def expert_names(n: int) -> list[str]:
+    return {1: ["all"], 2: ["high", "low"], 3: ["high", "middle", "low"]}.get(n, [f"e{i}" for i in range(n)])
+
+
+def truncate(experts: Sequence[Expert], at: float) -> list[Expert]:
+    """The experts of [0, at): those that start before `at`, the last one cut there (a refiner takes over)."""
+    kept = [e for e in experts if e.start < at]
+    return [*kept[:-1], Expert(kept[-1].name, kept[-1].model, kept[-1].start, at)]

@@ -31,7 +31,7 @@ from chorus.controls import ControlNetControl, ControlRun, merge_residuals
 from chorus.conditioning import (Conditioner, Conditioning, NumberEmbedder, TextEmbedder, build_embedders,
                                  check_widths, read_conditioner_spec)
 from chorus.errors import ChorusError
-from chorus.experts import Expert, ExpertEnsemble
+from chorus.experts import Expert, ExpertEnsemble, read_experts_spec, truncate
 from chorus.formats.lora import prompt_lora_tags
 from chorus.models.io import read_json
 from chorus.prompting import prompt_settings
@@ -138,6 +138,35 @@ def load_stage(folder: Path, torch_dtype=None) -> tuple[Stage, Any]:
     return stage, vae
 
 
+def load_experts(folder: Path, base: Stage, vae, torch_dtype=None) -> list[Expert]:
+    """The experts of a model folder (chorus.experts.read_experts_spec): `base` (the folder's own stage) for the
+    expert whose UNet is unet/, the other UNets beside it with the same conditioner and schedule, or whole
+    pipeline folders of their own over the same latent space. A folder without experts.json: one expert."""
+    from chorus.models import UNet
+    spec = read_experts_spec(folder)
+    if spec is None:
+        return [Expert("base", base)]
+    if spec[0]["unet"] != "unet":
+        raise ChorusError(f"{folder}/experts.json: the first expert (the highest noise) must be the folder's own "
+                          "unet/, the model that diffusers loads from this folder.")
+    experts = []
+    for e in spec:
+        if e["unet"] == "unet":
+            stage = base
+        elif e["unet"] is not None:
+            unet = UNet.from_pretrained(folder / e["unet"], torch_dtype=torch_dtype)
+            stage = Stage(unet, base.conditioner, base.schedule, base.prediction_type)
+            stage.scheduler_config = base.scheduler_config
+        else:
+            stage, _ = load_stage(folder / e["folder"], torch_dtype)
+        if stage.unet.config.in_channels != vae.config.latent_channels:
+            raise ChorusError(f"{folder}/experts.json: expert {e['name']} takes {stage.unet.config.in_channels} "
+                              f"latent channels, the VAE gives {vae.config.latent_channels}: experts must share "
+                              "the latent space.")
+        experts.append(Expert(e["name"], stage, e["start"], e["end"]))
+    return experts
+
+
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[-1, 1] (B, 3, H, W) -> PIL, rounding as diffusers does."""
     arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
@@ -171,11 +200,10 @@ class Pipeline:
             paths = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
             from chorus.paths import resolve_controlnet
             base.controls = [load_controlnet(resolve_controlnet(p), torch_dtype=torch_dtype) for p in paths]
-        if refiner is None:
-            experts = [Expert("base", base)]
-        else:
+        experts = load_experts(folder, base, vae, torch_dtype)
+        if refiner is not None:   # the refiner is one more expert: it takes the schedule over at switch_at
             ref, _ = load_stage_from(refiner, torch_dtype)
-            experts = [Expert("base", base, 0.0, switch_at), Expert("refiner", ref, switch_at, 1.0)]
+            experts = truncate(experts, switch_at) + [Expert("refiner", ref, switch_at, 1.0)]
         pipe = cls(vae, ExpertEnsemble(experts), base.scheduler_config, name=str(folder))
         pipe.sampling_defaults = read_sampling_defaults(folder)
         return pipe

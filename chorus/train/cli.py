@@ -5,6 +5,7 @@
     chorus train --part unet --base MODEL --data DIR --out runs/ft --steps 2000
     chorus train --part lora --base default --rank 4 --out runs/lora      a LoRA (OUT/lora.safetensors)
     chorus train --part controlnet --condition layout --base default      a ControlNet (OUT/controlnet)
+    chorus train --part experts --base default --splits 0.5 --steps 600  eDiff-I experts branched (OUT/model)
     chorus train --out runs/default --resume                   continue after an interruption (even kill -9)
     torchrun --nproc_per_node 2 -m chorus train --preset tiny --part unet --base MODEL --out runs/ddp
 """
@@ -32,12 +33,19 @@ def register(subparsers) -> None:
                         "default-scratch (the one-stage recipe from scratch)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a JSON config: a recipe {\"vae\": {...}, \"text\": {...}, \"unet\": {...}} or UNet fields")
-    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "lora", "controlnet", "all"],
+    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "lora", "controlnet", "experts", "all"],
                    help="which part to train (default: all, or unet when --base is given); lora: a LoRA on the "
                         "frozen --base UNet, written to OUT/lora.safetensors (chorus.train.lora); controlnet: a "
-                        "ControlNet on the frozen --base, written to OUT/controlnet (chorus.train.controlnet)")
+                        "ControlNet on the frozen --base, written to OUT/controlnet (chorus.train.controlnet); experts: "
+                        "eDiff-I's expert denoisers branched from --base, one per noise interval of --splits, written "
+                        "to OUT/model (chorus.train.experts)")
     p.add_argument("--condition", default=None, choices=["canny", "layout", "boxes"],
                    help="--part controlnet: the world condition it learns (layout)")
+    p.add_argument("--splits", default=None, metavar="S1,S2,…",
+                   help="--part experts: where one expert hands over to the next, as fractions of the sampling "
+                        "schedule (0 = pure noise, diffusers' denoising_end): 0.5 → 2 experts, 0.2,0.8 → 3; none → "
+                        "one model continued on the whole schedule (the equal-samples control). --steps is the "
+                        "total, shared evenly")
     p.add_argument("--rank", type=int, default=None, help="--part lora: the LoRA's rank (4)")
     p.add_argument("--alpha", type=float, default=None, help="--part lora: the LoRA's alpha (default: the rank)")
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
@@ -218,6 +226,9 @@ def _run_train(args) -> int:
     if args.part == "controlnet":
         from chorus.train.controlnet import run_from_args as run_controlnet
         return run_controlnet(args)
+    if args.part == "experts":
+        from chorus.train.experts import run_from_args as run_experts
+        return run_experts(args)
     if args.part == "lora":
         from chorus.train.lora import run_from_args
         return run_from_args(args)
