@@ -477,10 +477,8 @@ def read_conditioner_spec(folder: Path) -> list[dict] | None:
     path = Path(folder) / "conditioner.json"
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ChorusError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    from chorus.models.io import read_json
+    data = read_json(path)
     entries = data.get("embedders") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ChorusError(f"{path} must hold {{\"embedders\": [...]}} with at least one embedder.")

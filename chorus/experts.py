@@ -98,15 +98,13 @@ def read_experts_spec(folder) -> list[dict] | None:
     schedule) or `folder` (a whole pipeline folder inside this one: its own architecture and conditioner
     over the same latent space). `start`/`end` are fractions of the sampling schedule (0 = pure noise).
     """
-    import json
     from pathlib import Path
+
+    from chorus.models.io import read_json
     path = Path(folder) / EXPERTS_FILE
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ChorusError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    data = read_json(path)
     entries = data.get("experts") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ChorusError(f"{path} must hold {{\"experts\": [...]}} with at least one expert.")
