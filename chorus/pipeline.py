@@ -15,6 +15,7 @@ on any device, and the same image diffusers makes from the same folder, schedule
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import math
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from chorus.errors import ChorusError
 from chorus.experts import Expert, ExpertEnsemble, read_experts_spec, truncate
 from chorus.formats.lora import prompt_lora_tags
 from chorus.models.io import read_json
-from chorus.prompting import prompt_settings
+from chorus.prompting import batch_prompt_schedule, prompt_settings
 from chorus.schedule import NoiseSchedule
 
 
@@ -328,13 +329,24 @@ class Pipeline:
 
     def make_denoiser(self, stage: Stage, cond: Conditioning, uncond: Conditioning | None,
                       guidance_scale: float, guidance_rescale: float, controls: Sequence = (),
-                      sigmas: torch.Tensor | None = None, timesteps: torch.Tensor | None = None) -> Callable:
-        """D(x, σ): the UNet (+ controls), classifier-free guidance on its raw output, as a denoiser."""
+                      sigmas: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                      edits: Sequence | None = None) -> Callable:
+        """D(x, σ): the UNet (+ controls), classifier-free guidance on its raw output, as a denoiser.
+
+        `edits`: [(last_step, cond, uncond), …] of a prompt edited during sampling (A1111's [from:to:when],
+        chorus.prompting.prompt_schedule); each call finds its step from its timestep in `timesteps`."""
         unet = stage.unet
-        both = Conditioning.cat([uncond, cond]) if uncond is not None else cond
-        kwargs = both.unet_kwargs()
+        segments = [(last, (Conditioning.cat([u, c]) if u is not None else c).unet_kwargs())
+                    for last, c, u in (edits or [(None, cond, uncond)])]
+
+        def kwargs_at(t: torch.Tensor) -> dict:
+            if len(segments) == 1:
+                return segments[0][1]
+            step = int((timesteps.to(t.device, torch.float32) - t.flatten()[0].float()).abs().argmin())
+            return next(kw for last, kw in segments if step <= last)
 
         def net(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            kwargs = kwargs_at(t)
             x_in = torch.cat([x_vp, x_vp]) if uncond is not None else x_vp   # [uncond, cond] in one batch
             t_in = t.repeat(x_in.shape[0] // t.shape[0]).to(x_in.device)
             x_in = x_in.to(unet.dtype)
@@ -425,12 +437,26 @@ class Pipeline:
         x = x.to(device)
 
         notes: list[str] = []
-        conds = {}
+        # A1111's prompt editing ([from:to:when]): the prompts (and negatives) of each stretch of steps
+        edits = None
+        if prompt_embeds is None and prompt_syntax == "a1111":
+            texts = prompts + (list(negative) if negative is not None else [])
+            edits = [(last, t[:len(prompts)], t[len(prompts):] if negative is not None else None)
+                     for last, t in batch_prompt_schedule(texts, len(timesteps))]
+        conds, edited = {}, {}
         for expert in self.experts:
             stage: Stage = expert.model
-            conds[expert.name] = self.encode_prompt(stage, prompts, negative, micro, guidance, num_images_per_prompt,
-                                                    prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                                    negative_pooled_prompt_embeds, clip_skip, prompt_syntax)
+            encode = functools.partial(self.encode_prompt, stage, micro=micro, guidance=guidance,
+                                       n_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+                                       prompt_syntax=prompt_syntax)
+            if edits is None:
+                conds[expert.name] = encode(prompts=prompts, negative=negative, prompt_embeds=prompt_embeds,
+                                            negative_prompt_embeds=negative_prompt_embeds,
+                                            pooled_prompt_embeds=pooled_prompt_embeds,
+                                            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+            else:
+                edited[expert.name] = [(last, *encode(prompts=p, negative=n)) for last, p, n in edits]
+                conds[expert.name] = edited[expert.name][0][1:]
             notes += conds[expert.name][0].notes
 
         control_stack = contextlib.ExitStack()   # every control is entered for this run and left after it
@@ -456,7 +482,7 @@ class Pipeline:
             for control in run_controls:
                 control_stack.enter_context(control.entered(run))
             return self.make_denoiser(stage, cond, uncond, guidance_scale, guidance_rescale, run_controls,
-                                      sigmas, timesteps)
+                                      sigmas, timesteps, edits=edited.get(expert.name))
 
         knobs, per_step = {}, {}
         if sampler == "ddim":

@@ -232,3 +232,119 @@ def prompt_settings(conditioner, texts: Sequence[str], syntax: str = "a1111", cl
     finally:
         for e, (s, c, k) in zip(embs, saved):
             e.prompt_syntax, e.chunks, e.clip_skip = s, c, k
+
+
+# --- prompt editing: [from:to:when] (A1111's modules/prompt_parser.py, get_learned_conditioning_prompt_schedules)
+
+_NUMBER = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*")
+
+
+def _matching(text: str, i: int) -> int:
+    """The index of the `]` closing the `[` at i (escapes and nesting respected), or -1."""
+    depth, j = 0, i
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+            continue
+        depth += c == "["
+        depth -= c == "]"
+        if depth == 0:
+            return j
+        j += 1
+    return -1
+
+
+def _top_level_split(text: str, sep: str = ":") -> list[str]:
+    parts, depth, start, j = [], 0, 0, 0
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth -= 1
+        elif c == sep and depth == 0:
+            parts.append(text[start:j])
+            start = j + 1
+        j += 1
+    return parts + [text[start:]]
+
+
+def _parse_edits(text: str) -> list:
+    """Text pieces and ("edit", before, after, when) nodes; a bracket that is not an edit stays literal
+    (A1111's `[word]` de-emphasis, read later by parse_prompt_attention)."""
+    out, i, plain = [], 0, []
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            plain.append(text[i:i + 2])
+            i += 2
+            continue
+        end = _matching(text, i) if c == "[" else -1
+        if end < 0:
+            plain.append(c)
+            i += 1
+            continue
+        inner = text[i + 1:end]
+        parts = _top_level_split(inner)
+        if len(parts) in (2, 3) and _NUMBER.fullmatch(parts[-1]):
+            before, after = ("", parts[0]) if len(parts) == 2 else (parts[0], parts[1])
+            out += ["".join(plain), ("edit", _parse_edits(before), _parse_edits(after), parts[-1].strip())]
+        else:
+            out += ["".join(plain), "[", *_parse_edits(inner), "]"]
+        plain = []
+        i = end + 1
+    return [*out, "".join(plain)]
+
+
+def _when(s: str, steps: int) -> int:
+    """A1111's rule: a number with a decimal point is a fraction of the steps, an integer a step number."""
+    v = float(s) * steps if "." in s else float(s)
+    return min(steps, int(v))
+
+
+def _edit_steps(nodes: list, steps: int) -> set[int]:
+    out: set[int] = set()
+    for n in nodes:
+        if isinstance(n, tuple):
+            out |= {_when(n[3], steps)} | _edit_steps(n[1], steps) | _edit_steps(n[2], steps)
+    return out
+
+
+def _text_at(nodes: list, step: int, steps: int) -> str:
+    return "".join(n if isinstance(n, str) else _text_at(n[1] if step <= _when(n[3], steps) else n[2], step, steps)
+                   for n in nodes)
+
+
+def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+    """A1111's prompt editing: [(last_step, prompt), …], the prompt that conditions sampling steps (0-based)
+    up to and including last_step, the last entry ending at `steps`.
+
+    `[from:to:when]` reads `from` until step `when`, then `to`; `[to:when]` adds `to` after `when`;
+    `[from::when]` removes `from` after `when`. `when` with a decimal point is a fraction of the steps
+    (0.4 of 20 → step 8), a whole number is a step; the edited part is in use up to and including that step,
+    as A1111 counts (`[a:b:0.5]` of 20 steps: `a` for steps 0–10). Edits nest. A prompt without
+    edits is one entry, itself, and brackets that are not edits are left as they are."""
+    nodes = _parse_edits(text)
+    edits = _edit_steps(nodes, steps)
+    if not edits:
+        return [(steps, text)]
+    ends = sorted({s for s in edits if s < steps} | {steps})
+    out: list[tuple[int, str]] = []
+    for e in ends:
+        t = _text_at(nodes, e, steps)
+        if out and out[-1][1] == t:
+            out[-1] = (e, t)
+        else:
+            out.append((e, t))
+    return out
+
+
+def batch_prompt_schedule(prompts: Sequence[str], steps: int) -> list[tuple[int, list[str]]]:
+    """The schedules of a batch on one set of step boundaries: [(last_step, [prompt of each item]), …]."""
+    each = [prompt_schedule(p, steps) for p in prompts]
+    ends = sorted({e for s in each for e, _ in s})
+    return [(e, [next(t for last, t in s if e <= last) for s in each]) for e in ends]

@@ -4,7 +4,7 @@ import torch
 
 from chorus.conditioning import TextEmbedder
 from chorus.errors import ChorusError
-from chorus.pipeline import Pipeline
+from chorus.pipeline import Pipeline, micro_inputs
 from chorus.prompting import (
     build_chunks,
     emphasize,
@@ -221,3 +221,61 @@ def test_minilm_reads_emphasis_and_truncates():
     torch.testing.assert_close(weighted["pooled"], plain["pooled"][:1])   # the pooled vector is unweighted
     with pytest.warns(UserWarning, match="cut"):
         assert _encode(e, ["word " * 40])["context"].shape[1] == 16
+
+
+# --- prompt editing: [from:to:when] ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, steps, want", [
+    # A1111's schedules (modules/prompt_parser.py's doctests, same prompts and step counts)
+    ("test", 10, [(10, "test")]),
+    ("a [b:3]", 10, [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", 10, [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", 10, [(2, "a "), (10, "a [[b]]")]),
+    ("a [b : c : 1] d", 10, [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", 10, [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", 10, [(10, "a [unbalanced")]),
+    ("a [b:.5] c", 10, [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", 10, [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[(a:2):3]", 10, [(3, ""), (10, "(a:2)")]),
+    ("[a:b:0.5] c", 20, [(10, "a c"), (20, "b c")]),
+    ("[a::0.25]", 20, [(5, "a"), (20, "")]),
+    ("[a:b:25]", 20, [(20, "a")]),                   # a switch after the last step never happens
+    ("a [b] (c:1.2) \\[d:e:2\\]", 20, [(20, "a [b] (c:1.2) \\[d:e:2\\]")]),   # not edits: left as they are
+])
+def test_prompt_schedule_is_a1111s(text, steps, want):
+    from chorus.prompting import prompt_schedule
+    assert prompt_schedule(text, steps) == want
+
+
+def test_a_batch_shares_the_step_boundaries():
+    from chorus.prompting import batch_prompt_schedule
+    assert batch_prompt_schedule(["x [a:b:0.5]", "plain", "[c:d:2]"], 20) == [
+        (2, ["x a", "plain", "c"]), (10, ["x a", "plain", "d"]), (20, ["x b", "plain", "d"])]
+
+
+def test_an_edited_prompt_conditions_each_step_on_its_text(sd_folder):
+    """[red:blue:3] of 8 steps: the UNet reads red's context for steps 0–3 and blue's for 4–7, and the
+    result is neither pure prompt; a switch after the last step is the first prompt, bit for bit."""
+    pipe = Pipeline.from_pretrained(sd_folder)
+    stage = pipe.base
+    want = {}
+    for word in ("red", "blue"):
+        cond, uncond = pipe.encode_prompt(stage, [f"a {word} circle"], None, micro_inputs(1, (32, 32)), True, 1)
+        want[word] = torch.cat([uncond.context, cond.context])
+    seen = []
+
+    def hook(module, args, kwargs):
+        ctx = kwargs["encoder_hidden_states"]
+        seen.append(next((w for w, c in want.items() if torch.equal(c, ctx)), "?"))
+
+    handle = stage.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    kw = dict(num_inference_steps=8, guidance_scale=4.0, height=32, width=32, sampler="euler", seed=0,
+              output_type="latent", progress=False)
+    edited = pipe("a [red:blue:3] circle", **kw).latents
+    handle.remove()
+    assert seen == ["red"] * 4 + ["blue"] * 4
+    red, blue = pipe("a red circle", **kw).latents, pipe("a blue circle", **kw).latents
+    assert (edited - red).abs().max() > 1e-4 and (edited - blue).abs().max() > 1e-4
+    assert torch.equal(pipe("a [red:blue:8] circle", **kw).latents, red)
+    # prompt_syntax="plain" reads the brackets as text, as diffusers does
+    assert not torch.equal(pipe("a [red:blue:8] circle", prompt_syntax="plain", **kw).latents, red)
