@@ -20,11 +20,16 @@ def shipped_weights(name: str) -> Path:
     return PACKAGE_ROOT.parent / "weights" / name
 
 
+def resolve_shipped(name, kind: str = ""):
+    """A model argument: `default-<x>` names a shipped world model, weights/<kind><x> (`--refiner default-refiner`
+    → weights/refiner, `--controlnet default-layout` → weights/controlnet-layout); anything else is a path."""
+    text = str(name)
+    if text.startswith("default-") and not Path(text).exists():
+        return shipped_weights(kind + text[len("default-"):])
+    return name
+
+
 def resolve_controlnet(name):
     """A ControlNet argument: `default-<condition>` names a shipped world ControlNet (weights/controlnet-<condition>);
     anything else is a path."""
-    text = str(name)
-    from pathlib import Path as _P
-    if text.startswith("default-") and not _P(text).exists():
-        return shipped_weights("controlnet-" + text[len("default-"):])
-    return name
+    return resolve_shipped(name, "controlnet-")

@@ -190,6 +190,8 @@ class Pipeline:
         `controlnet=` one ControlNet folder or a list of them (controls of the base UNet).
         Any of them may be a single-file checkpoint (`.safetensors`, `.ckpt`): see from_single_file."""
         from chorus.formats.single_file import is_single_file, load_controlnet, load_stage_from
+        from chorus.paths import resolve_shipped
+        folder, refiner = resolve_shipped(folder), (resolve_shipped(refiner) if refiner is not None else None)
         if is_single_file(folder):
             return cls.from_single_file(folder, refiner=refiner, switch_at=switch_at, controlnet=controlnet,
                                         torch_dtype=torch_dtype)

@@ -6,6 +6,7 @@
     chorus train --part lora --base default --rank 4 --out runs/lora      a LoRA (OUT/lora.safetensors)
     chorus train --part controlnet --condition layout --base default      a ControlNet (OUT/controlnet)
     chorus train --part experts --base default --splits 0.5 --steps 600  eDiff-I experts branched (OUT/model)
+    chorus train --part refiner --base default --out runs/refiner          SDXL's refiner (OUT/model, --refiner)
     chorus train --out runs/default --resume                   continue after an interruption (even kill -9)
     torchrun --nproc_per_node 2 -m chorus train --preset tiny --part unet --base MODEL --out runs/ddp
 """
@@ -33,12 +34,13 @@ def register(subparsers) -> None:
                         "default-scratch (the one-stage recipe from scratch)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a JSON config: a recipe {\"vae\": {...}, \"text\": {...}, \"unet\": {...}} or UNet fields")
-    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "lora", "controlnet", "experts", "all"],
+    p.add_argument("--part", default=None, choices=["vae", "text", "unet", "lora", "controlnet", "experts", "refiner", "all"],
                    help="which part to train (default: all, or unet when --base is given); lora: a LoRA on the "
                         "frozen --base UNet, written to OUT/lora.safetensors (chorus.train.lora); controlnet: a "
                         "ControlNet on the frozen --base, written to OUT/controlnet (chorus.train.controlnet); experts: "
                         "eDiff-I's expert denoisers branched from --base, one per noise interval of --splits, written "
-                        "to OUT/model (chorus.train.experts)")
+                        "to OUT/model (chorus.train.experts); refiner: SDXL's refiner, one expert on the lowest-noise 20 %% "
+                        "of --base's schedule with the aesthetic (quality) score, written to OUT/model")
     p.add_argument("--condition", default=None, choices=["canny", "layout", "boxes"],
                    help="--part controlnet: the world condition it learns (layout)")
     p.add_argument("--splits", default=None, metavar="S1,S2,…",
@@ -226,6 +228,9 @@ def _run_train(args) -> int:
     if args.part == "controlnet":
         from chorus.train.controlnet import run_from_args as run_controlnet
         return run_controlnet(args)
+    if args.part == "refiner":
+        from chorus.train.experts import run_refiner_from_args
+        return run_refiner_from_args(args)
     if args.part == "experts":
         from chorus.train.experts import run_from_args as run_experts
         return run_experts(args)

@@ -275,4 +275,13 @@ def conditioner_inputs(examples: list[Example]) -> dict[str, list]:
             "original_size": [e.original_size for e in examples],
             "crop_top_left": [e.crop_top_left for e in examples],
             "target_size": [e.target_size for e in examples],
-            "aesthetic_score": [6.0 for _ in examples]}
+            "aesthetic_score": [quality_score(e.original_size) for e in examples]}
+
+
+def quality_score(original_size) -> float:
+    """SDXL's aesthetic score, in the world's terms: its one quality axis is the native resolution (a small
+    native size is resampled up, blurry), mapped log-linearly onto SDXL's 0–10 scale — 16 px → 0, 32 → 3.3,
+    64 → 6.7, 128 px and more → 10 (so diffusers' defaults 6 / 2.5 ask for ~57 px vs ~14 px)."""
+    import math
+    side = max(1, min(int(original_size[0]), int(original_size[1])))
+    return float(min(10.0, max(0.0, 10.0 * (math.log2(side) - 4.0) / 3.0)))

@@ -94,6 +94,71 @@ class ExpertsTrainConfig(UNetTrainConfig):
         return load_config(UNetTrainConfig, fields, f"expert {expert['name']}")
 
 
+@dataclass
+class RefinerTrainConfig(UNetTrainConfig):
+    """SDXL's refiner as one expert: the shared model fine-tuned on the lowest-noise part of the schedule
+    (sampling [switch_at, 1) = t < T(1 − switch_at): 200 of 1000 at 0.8), on unframed scenes (world_crop off:
+    no crop, the native size's sharpness kept), with SDXL's refiner conditioning added: the aesthetic-score
+    time id, here the world's quality score of the native size (chorus.train.data.quality_score). The new
+    time id enters the UNet's added embedding through new, zero-initialised weights, so step 0 is exactly
+    the base. `chorus generate --refiner OUT/model` hands over to it at `switch_at`."""
+
+    switch_at: float = 0.8
+    init_from_base: bool = True
+    steps: int = 300
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 50
+    world_crop: bool = False
+    descriptive_captions: float = 0.5
+    epoch_size: int | None = 30_000
+    text_cache_mb: int = 8192
+    mixed_precision: str = "no"
+    ema_decay: float = 0.995
+    save_every: int = 100
+    keep_last: int = 2
+    sample_prompts: tuple = ()
+    export_dtype: str = "float16"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.base:
+            raise ChorusError("A refiner is branched from the base it refines: --base FOLDER (or --base default).")
+        if not 0.0 < float(self.switch_at) < 1.0:
+            raise ChorusError(f"switch_at is where the refiner takes over, a fraction in (0, 1); got {self.switch_at}.")
+        if tuple(self.timestep_interval) != (0.0, 1.0):   # a saved config (a checkpoint's) keeps its interval
+            self.switch_at = round(1.0 - self.timestep_interval[1], 6)
+        self.timestep_interval = training_interval(float(self.switch_at), 1.0)
+        adopt_base(self)
+        if self.embedders is None:
+            raise ChorusError(f"{self.base} lists no conditioner.json; the refiner adds the aesthetic-score time id "
+                              "to the base's embedders, so give `embedders` in the config.")
+        names = [e["name"] for e in self.embedders]
+        if "aesthetic_score" not in names:
+            from chorus.conditioning import embedder_entry
+            self.embedders = [*self.embedders, embedder_entry({"name": "aesthetic_score", "dropout": self.micro_dropout})]
+        if not self.unet:   # the base's UNet with the added embedding widened for the new time id (grown)
+            config = json.loads((Path(self.base) / "unet" / "config.json").read_text())
+            added = ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+            self.unet = {k: v for k, v in config.items() if not k.startswith("_")
+                         and k != added[2] and not (k in added and v is None)}
+
+
+def train_refiner(cfg: RefinerTrainConfig | dict | str | Path, out_dir, progress: bool = True,
+                  resume: bool | str = False) -> Path:
+    """Train a refiner (see RefinerTrainConfig); returns OUT/model, a pipeline folder for `--refiner`."""
+    from chorus.train.unet import train_unet
+    if not isinstance(cfg, RefinerTrainConfig):
+        cfg = load_config(RefinerTrainConfig, cfg, "refiner training")
+    fields = {k: v for k, v in to_dict(cfg).items() if k != "switch_at"}
+    final = train_unet(load_config(UNetTrainConfig, fields, "refiner training"), out_dir, progress=progress,
+                       resume=resume)
+    if D.setup().is_main:
+        ckpt.write_json({"switch_at": cfg.switch_at, "trained_timesteps": list(cfg.timestep_interval),
+                         "base": cfg.base, "steps": cfg.steps}, Path(final) / "refiner.json")
+    return final
+
+
 def train_experts(cfg: ExpertsTrainConfig | dict | str | Path, out_dir, progress: bool = True,
                   resume: bool | str = False, log=print) -> Path:
     """Branch the experts of `cfg` from its base, one run each, and write OUT/model (see the module)."""
@@ -193,4 +258,18 @@ def run_from_args(args) -> int:
     return run_adapter(args, config_from_args, train_experts)
 
 
-__all__ = ["ExpertsTrainConfig", "train_experts", "assemble", "parse_splits", "config_from_args", "run_from_args"]
+def refiner_config_from_args(args) -> tuple[RefinerTrainConfig, Path]:
+    from chorus.train.cli import adapter_config_from_args
+    if args.preset:
+        raise ChorusError("--part refiner refines a --base model; a --preset is a whole recipe. Give --base FOLDER "
+                          "(or --base default).")
+    return adapter_config_from_args(args, RefinerTrainConfig, "refiner training", {"data": args.data},
+                                    lambda cfg: "runs/refiner")
+
+
+def run_refiner_from_args(args) -> int:
+    from chorus.train.cli import run_adapter
+    return run_adapter(args, refiner_config_from_args, train_refiner)
+
+
+__all__ = ["ExpertsTrainConfig", "RefinerTrainConfig", "train_experts", "train_refiner", "run_refiner_from_args", "assemble", "parse_splits", "config_from_args", "run_from_args"]
