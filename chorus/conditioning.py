@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -323,7 +324,7 @@ class Conditioner(nn.Module):
         n = self._inputs(inputs)
         outputs = []
         for e in self._active(text):
-            out = e(inputs[e.input_key])
+            out = e.unconditional(inputs[e.input_key], None) if self._is_dropped(e) else e(inputs[e.input_key])
             if dropout and e.dropout > 0:
                 drop = torch.rand(n, generator=generator) < e.dropout
                 if drop.any():
@@ -333,11 +334,32 @@ class Conditioner(nn.Module):
             outputs.append(out)
         return self._route(outputs, dtype, device)
 
+    @contextmanager
+    def dropped(self, names: Sequence[str]):
+        """For the duration, the embedders named (their `name`, e.g. "text_encoder", "minilm", or their input key)
+        give their unconditional embedding in both branches of guidance — what a dropped embedder gives in
+        training, so a model trained with per-embedder dropout can be sampled with one encoder of an ensemble
+        alone (eDiff-I's "CLIP only" / "T5 only")."""
+        known = {getattr(e, "name", None) or e.input_key: e for e in self.embedders}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ChorusError(f"No embedder named {', '.join(unknown)}; this conditioner has: {', '.join(known)}.")
+        saved = self.__dict__.get("_dropped", frozenset())
+        self._dropped = saved | {id(known[n]) for n in names}
+        try:
+            yield self
+        finally:
+            self._dropped = saved
+
+    def _is_dropped(self, e: Embedder) -> bool:
+        return id(e) in self.__dict__.get("_dropped", ())
+
     def unconditional(self, inputs: dict[str, Sequence[Any]], negative: Sequence[str] | None = None,
                       dtype=None, device=None, text: bool = True) -> Conditioning:
         """The unconditional (or negative-prompt) branch of classifier-free guidance."""
         self._inputs(inputs)
-        outputs = [e.unconditional(inputs.get(f"negative_{e.input_key}", inputs[e.input_key]), negative)
+        outputs = [e.unconditional(inputs[e.input_key], None) if self._is_dropped(e) else
+                   e.unconditional(inputs.get(f"negative_{e.input_key}", inputs[e.input_key]), negative)
                    for e in self._active(text)]
         return self._route(outputs, dtype, device)
 

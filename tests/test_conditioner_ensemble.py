@@ -226,3 +226,30 @@ def test_ensemble_folder_with_the_wrong_context_width_is_refused(ensemble_folder
     (bad / "conditioner.json").write_text(json.dumps(spec))
     with pytest.raises(ChorusError, match="Valid names are"):
         read_conditioner_spec(bad)
+
+
+def test_one_encoder_of_the_ensemble_alone(ensemble_folder):
+    """Conditioner.dropped: the dropped encoder's features are its unconditional embedding in both branches of
+    guidance (what per-embedder dropout trained), the other encoder's are untouched; the next call is whole."""
+    from chorus.pipeline import load_stage, micro_inputs
+    stage, _ = load_stage(ensemble_folder)
+    cond = stage.conditioner
+    inputs = {"prompt": ["a red circle"], **micro_inputs(1, (32, 32))}
+    whole, null = cond(inputs), cond.unconditional(inputs, ["blurry"])
+    clip = cond.embedders[0].encode(["a red circle"])["context"].shape[-1]
+    empty = cond.unconditional(inputs)
+    with cond.dropped(["minilm"]):
+        only_clip, only_clip_null = cond(inputs), cond.unconditional(inputs, ["blurry"])
+    assert torch.equal(only_clip.context[..., :clip], whole.context[..., :clip])
+    assert torch.equal(only_clip.context[..., clip:], empty.context[..., clip:])
+    assert torch.equal(only_clip_null.context[..., clip:], empty.context[..., clip:])   # the negative is dropped too
+    assert torch.equal(only_clip_null.context[..., :clip], null.context[..., :clip])
+    assert torch.equal(only_clip.pooled, empty.pooled) and not torch.equal(whole.pooled, empty.pooled)
+    with cond.dropped(["text_encoder"]):
+        only_lm = cond(inputs)
+    assert torch.equal(only_lm.context[..., clip:], whole.context[..., clip:])
+    assert torch.equal(only_lm.context[..., :clip], empty.context[..., :clip])
+    assert torch.equal(cond(inputs).context, whole.context)
+    with pytest.raises(ChorusError, match="minilm"):
+        with cond.dropped(["t5"]):
+            pass

@@ -141,8 +141,9 @@ def _specs_by_file_name(meta: Path, specs: list[dict]) -> dict[str, dict]:
 
 
 def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance: float | None, seed: int,
-                    batch_prompts: int = 8, device=None, dtype=None):
-    """Images from a text-to-image pipeline, prompt-major: k per spec (on `device`, in `dtype`)."""
+                    batch_prompts: int = 8, device=None, dtype=None, progress: bool = True):
+    """Images from a text-to-image pipeline (a folder, or a Pipeline already loaded), prompt-major: k per spec
+    (on `device`, in `dtype`)."""
     from tqdm import tqdm
     try:
         from chorus.pipeline import Pipeline
@@ -151,7 +152,7 @@ def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance:
     if device is not None:
         from chorus.devices import resolve_device
         resolve_device(device)   # an absent GPU: one clear error before the model loads
-    pipe = Pipeline.from_pretrained(model)
+    pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model)
     if device is not None or dtype is not None:
         pipe = pipe.to(device=device, dtype=dtype)
     recommended = "guidance_scale" in getattr(pipe, "sampling_defaults", {})
@@ -159,7 +160,7 @@ def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance:
     print(f"generate: guidance {guidance:g}{' (the model’s recommended scale)' if recommended else ''}",
           file=sys.stderr)
     images = []
-    for i in tqdm(range(0, len(specs), batch_prompts), desc="generate"):
+    for i in tqdm(range(0, len(specs), batch_prompts), desc="generate", disable=not progress):
         prompts = [s.get("prompt", "") for s in specs[i:i + batch_prompts]]
         out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i,
                    num_images_per_prompt=k, progress=False)
