@@ -570,13 +570,21 @@ class Pipeline:
     def encode_image(self, image, batch: int, gens, mean: bool = False) -> torch.Tensor:
         """z_0 = s·(z − shift), z drawn from q(z | x) with the generator (img2img), or its mean (`mean=True`:
         the latent Plug-and-Play inverts)."""
-        if isinstance(image, Image.Image):
-            arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-            image = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
+                                              and all(isinstance(im, Image.Image) for im in image)):
+            images = [image] if isinstance(image, Image.Image) else list(image)   # one per prompt, as diffusers
+            if len({im.size for im in images}) != 1:
+                raise ChorusError(f"The init images have different sizes: {sorted({im.size for im in images})}.")
+            arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1.0
+            image = torch.from_numpy(arr).permute(0, 3, 1, 2)
         dtype = torch.float32 if self._vae_needs_upcast() else self.vae.dtype
         image = image.to(self.vae.device, dtype)
         if image.shape[0] == 1 and batch > 1:
             image = image.expand(batch, -1, -1, -1)
+        elif image.shape[0] != batch:
+            if batch % image.shape[0]:
+                raise ChorusError(f"Got {image.shape[0]} init images for a batch of {batch} images.")
+            image = image.repeat_interleave(batch // image.shape[0], 0)   # num_images_per_prompt of each
         with self._vae_in(dtype):
             posterior = self.vae.encode(image)
             g = gens[0] if isinstance(gens, list) else gens
