@@ -189,3 +189,24 @@ def test_prompt_embeds_without_negatives_encode_the_empty_prompt_as_diffusers(sd
     by_prompt = ours("a red circle", latents=lat.clone(), sampler="euler", output_type="latent", progress=False,
                      **kw).latents
     torch.testing.assert_close(got, by_prompt, atol=1e-5, rtol=1e-5)
+
+
+def test_img2img_takes_one_init_image_per_prompt(sd_folder):
+    """A list of init images is one per prompt (diffusers' convention): the same image twice is that image
+    broadcast (to float rounding: the VAE sees a contiguous batch instead of an expanded one); each item reads
+    its own image; a wrong count is a clear error."""
+    import numpy as np
+    from PIL import Image as PILImage
+    pipe = Pipeline.from_pretrained(sd_folder)
+    rng = np.random.default_rng(0)
+    im = PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, strength=0.5, seed=0, output_type="latent", progress=False)
+    one = pipe(["a red circle", "a blue star"], image=im, **kw).latents
+    two = pipe(["a red circle", "a blue star"], image=[im, im], **kw).latents
+    torch.testing.assert_close(one, two, atol=1e-4, rtol=0)
+    other = PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mixed = pipe(["a red circle", "a blue star"], image=[im, other], **kw).latents
+    torch.testing.assert_close(mixed[0], one[0], atol=1e-4, rtol=0)
+    assert (mixed[1] - one[1]).abs().max() > 1e-2
+    with pytest.raises(ChorusError, match="3 init images"):
+        pipe(["a", "b"], image=[im, im, im], **kw)
