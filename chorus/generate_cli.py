@@ -338,6 +338,12 @@ def run_info(args) -> int:
             print(f"  conditioner: {names} — from conditioner.json; diffusers' pipelines cannot express this "
                   "ensemble, so only Chorus loads the folder whole (its unet/, vae/ and text_encoder/ load in "
                   "diffusers one by one)")
+        from chorus.experts import read_experts_spec
+        experts = read_experts_spec(root)
+        if experts is not None:
+            parts = ", ".join(f"{e['name']} [{e['start']:g}, {e['end']:g}) → {e['unet'] or e['folder']}" for e in experts)
+            print(f"  experts: {parts} — from experts.json; Chorus samples each interval with its own expert, "
+                  f"diffusers loads the folder as its first expert ({experts[0]['name']}) alone")
     total = 0
     for comp in components:
         cfg_path = next((comp / n for n in ("config.json", "scheduler_config.json") if (comp / n).is_file()), None)

@@ -44,6 +44,12 @@ def run_export(args) -> int:
         if source == "default":
             from chorus.pipeline import default_model_path
             source = default_model_path()
+        from chorus.experts import read_experts_spec
+        experts = read_experts_spec(source) if Path(source).is_dir() else None
+        if experts is not None and len(experts) > 1:
+            raise ChorusError(f"{source} is an ensemble of {len(experts)} experts ({', '.join(e['name'] for e in experts)}); "
+                              "a single-file checkpoint holds one UNet. Export one expert's own run folder "
+                              "instead (e.g. OUT/<name>/model of `chorus train --part experts`).")
         family = export_single_file(source, args.single_file, dtype=args.dtype, family=args.family)
         print(f"{Path(args.single_file)}  ({FAMILY_NAMES[family]}, original layout)")
         return 0

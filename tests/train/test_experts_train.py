@@ -64,15 +64,20 @@ def test_each_expert_trains_only_on_its_own_timesteps(run):
     assert steps == [2, 1, 1]
 
 
-def test_the_model_folder_holds_its_experts_and_samples_each_interval_with_its_own(run, sd_folder):
+def test_the_model_folder_holds_its_experts_and_samples_each_interval_with_its_own(run, sd_folder, capsys):
     folder = run / "model"
     spec = read_experts_spec(folder)
     assert [(e["name"], e["unet"], e["start"], e["end"]) for e in spec] == [
         ("high", "unet", 0.0, 0.25), ("middle", "unet_middle", 0.25, 0.75), ("low", "unet_low", 0.75, 1.0)]
     pipe = Pipeline.from_pretrained(folder)
     assert [e.name for e in pipe.experts] == ["high", "middle", "low"]
+    assert main(["info", str(folder)]) == 0
+    assert "experts: high [0, 0.25) → unet, middle [0.25, 0.75) → unet_middle" in capsys.readouterr().out
     unets = [e.model.unet for e in pipe.experts]
     assert all(u is not v for u in unets for v in unets if u is not v) and len({id(u) for u in unets}) == 3
+    # a single file holds one UNet: exporting the ensemble is refused with what to do instead
+    assert main(["export", str(folder), "--single-file", str(run / "x.safetensors")]) != 0
+    assert "ensemble of 3 experts" in capsys.readouterr().err and not (run / "x.safetensors").exists()
     # which UNet is called at which step: 8 Euler steps, 2 in [0, 0.25), 4 in [0.25, 0.75), 2 after
     calls = []
     for name, u in zip(("high", "middle", "low"), unets):
