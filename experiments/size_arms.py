@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=None, help="only the first N validation prompts (a smoke run)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", default=str(ROOT / "runs/size-arms"))
     ap.add_argument("--out", default=str(ROOT / "docs/records/size_arms.json"))
@@ -71,6 +72,7 @@ def main() -> int:
         models[arm] = run / "model"
         print(f"{arm}: trained ({time.time() - t0:.0f} s)", flush=True)
     specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = specs[:args.prompts]
     flat = [s for s in specs for _ in range(args.images_per_prompt)]
     ev = Evaluator.load()
     results = {}
