@@ -88,3 +88,13 @@ def test_bad_input(sd_folder):
     with pytest.raises(ChorusError, match="conditioner.json"):
         RefinerTrainConfig(base=str(sd_folder))
     assert micro_inputs(1, (32, 32))["aesthetic_score"] == [6.0]
+
+
+def test_the_command_line_refines_both_ways(run, sd_folder, tmp_path):
+    out = tmp_path / "png"
+    assert main(["generate", "a red circle", "--model", str(sd_folder), "--refiner", str(run / "model"), "--steps", "5",
+                 "--n", "1", "--size", "32x32", "--out", str(out)]) == 0
+    first = sorted(out.glob("*.png"))[0]
+    assert main(["edit", "a red circle", "--model", str(run / "model"), "--method", "sdedit", "--strength", "0.2",
+                 "--image", str(first), "--steps", "10", "--out", str(tmp_path / "refined")]) == 0
+    assert len(list((tmp_path / "refined").glob("*.png"))) == 1
