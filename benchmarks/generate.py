@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from efficiency import count_flops, cpu_flags, peaks, rate  # noqa: E402
+
 
 def prompts(n: int) -> list[str]:
     from chorus.world.benchmark import load_specs
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from chorus.pipeline import default_model_path
     folder = str(default_model_path()) if args.model == "default" else args.model
+    peak = peaks()
     ours, ref = load_both(folder)
     texts = prompts(args.images)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
@@ -101,6 +104,9 @@ def main(argv=None) -> int:
            **{f"{n}_cpu_s": statistics.median(cpu[n]) for n in runs},
            "pixel_max_abs_diff": int(diff.max()), "pixel_mean_abs_diff": float(diff.mean()),
            "pixels_differing": float((diff > 1).mean())}
+    flops = count_flops(run_chorus)
+    res.update(flops=flops, cpu_flags=cpu_flags(), **{f"peak_{k}_gflops": v for k, v in peak.items()},
+               **{f"{n}_gflops": rate(flops, res[f"{n}_wall_s"]) for n in runs})
     res["ratio_wall"] = res["diffusers_wall_s"] / res["chorus_wall_s"]
     res["ratio_cpu"] = res["diffusers_cpu_s"] / res["chorus_cpu_s"]
     print(f"| pipeline | wall s (median of {args.repeats}) | images/s | CPU s |")
@@ -111,6 +117,10 @@ def main(argv=None) -> int:
           f"({args.images} images, {args.steps} steps, guidance {args.guidance}, {res['threads']} threads)")
     print(f"images: max |Δ| {res['pixel_max_abs_diff']}/255, mean |Δ| {res['pixel_mean_abs_diff']:.3f}, "
           f"{100 * res['pixels_differing']:.2f}% of values differ by more than 1")
+    print(f"arithmetic: {flops / 1e9:.0f} GFLOP per call (text encoders, UNet steps, VAE decode); achieved "
+          + ", ".join(f"{n} {res[f'{n}_gflops']:.1f} GFLOP/s" for n in runs)
+          + f" against this machine's fp32 matmul peak {peak['fp32']:.0f} GFLOP/s (Chorus at "
+          f"{res['chorus_gflops'] / peak['fp32']:.0%}); CPU: {res['cpu_flags']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -34,6 +34,7 @@ def free_port() -> int:
 
 def start_server(model: str, preview_every):
     import uvicorn
+
     from chorus.serve.app import create_app
     from chorus.serve.engine import Engine, unique_models
     engine = Engine(unique_models([model]), queue_size=64, preview_every=preview_every)
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     from PIL import Image
+
     from chorus.pipeline import Pipeline
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from efficiency import count_flops, cpu_flags, peaks, rate  # noqa: E402
+
 from chorus.train.config import DEFAULT_UNET, TINY_UNET, UNetTrainConfig  # noqa: E402
 
 # name: (UNet fields, latent side, context width); the presets' UNets on their VAE's latents
@@ -57,7 +59,12 @@ def precision(mode: str):
 
 def chorus_stepper(unet, mode: str, fused: bool):
     from chorus.schedule import NoiseSchedule
-    from chorus.train.unet import apply_update, backward_loss, ema_decay_at, make_optimizer
+    from chorus.train.unet import (
+        apply_update,
+        backward_loss,
+        ema_decay_at,
+        make_optimizer,
+    )
     cfg = UNetTrainConfig(min_snr_gamma=None, lr=1e-4, weight_decay=1e-2, ema_decay=0.999)
     schedule = NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     opt = make_optimizer(unet, cfg) if fused else torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
@@ -117,8 +124,10 @@ def bench(name: str, mode: str, batch: int, tokens: int, repeats: int) -> dict:
             times[who].append(timed(fn, z0, t, noise, ctx))
     med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in ours.parameters())
+    flops = count_flops(lambda: steppers["chorus"](z0, t, noise, ctx))   # forward + backward of one step
     return {"config": name, "mode": mode, "batch": batch, "params": params, "latent": f"4×{side}×{side}",
-            **{f"{k}_sps": batch / v for k, v in med.items()}}
+            "flops": flops, **{f"{k}_sps": batch / v for k, v in med.items()},
+            **{f"{k}_gflops": rate(flops, v) for k, v in med.items()}}
 
 
 def main(argv=None) -> None:
@@ -133,8 +142,10 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from chorus.models.layers import cpu_has_bf16_kernels
+    peak = peaks()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU bf16 kernels: {cpu_has_bf16_kernels()}, "
-          f"batch {args.batch}, {args.tokens} tokens, {args.repeats} repeats (median)")
+          f"CPU flags: {cpu_flags()}, matmul peak " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()) +
+          f", batch {args.batch}, {args.tokens} tokens, {args.repeats} repeats (median)")
     rows = []
     for name in args.config:
         for mode in args.modes:
@@ -147,6 +158,13 @@ def main(argv=None) -> None:
         print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['latent']} | {r['mode']} | {r['diffusers_sps']:.1f} | "
               f"{r['chorus_sps']:.1f} | {r['chorus_sps'] / r['diffusers_sps']:.2f}× | {r['chorus_same_adamw_sps']:.1f} | "
               f"{r['chorus_same_adamw_sps'] / r['diffusers_sps']:.2f}× |")
+    print("\n| UNet | precision | GFLOP per step | diffusers GFLOP/s | Chorus GFLOP/s | Chorus / fp32 peak |"
+          + (" Chorus / bf16 peak |" if "bf16" in peak else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if "bf16" in peak else ""))
+    for r in rows:
+        ours = r["chorus_gflops"]
+        print(f"| {r['config']} | {r['mode']} | {r['flops'] / 1e9:.1f} | {r['diffusers_gflops']:.1f} | {ours:.1f} | "
+              f"{ours / peak['fp32']:.0%} |" + (f" {ours / peak['bf16']:.0%} |" if "bf16" in peak else ""))
 
 
 if __name__ == "__main__":

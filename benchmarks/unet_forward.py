@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from efficiency import count_flops, cpu_flags, peaks, rate
 
 TINY = dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=64, attention_head_dim=4,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -83,8 +84,10 @@ def bench(name: str, modes: list[str], repeats: int) -> list[dict]:
                     times[who].append(timed(fn))
         d, c = (statistics.median(w for w, _ in times[k]) for k in ("diffusers", "chorus"))
         d_cpu, c_cpu = (statistics.median(u for _, u in times[k]) for k in ("diffusers", "chorus"))
+        with torch.inference_mode():
+            flops = count_flops(run_ours)
         rows.append(dict(config=name, mode=mode, shape=f"{batch}×4×{side}×{side}", diffusers=d, chorus=c,
-                         diffusers_cpu=d_cpu, chorus_cpu=c_cpu, max_diff=diff, repeats=repeats))
+                         diffusers_cpu=d_cpu, chorus_cpu=c_cpu, max_diff=diff, repeats=repeats, flops=flops))
         print(f"  {name} {mode}: wall diffusers {d:.3f}s chorus {c:.3f}s ratio {d / c:.2f} | "
               f"cpu diffusers {d_cpu:.3f}s chorus {c_cpu:.3f}s ratio {d_cpu / c_cpu:.2f}", flush=True)
     return rows
@@ -103,8 +106,10 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 10)
     from chorus.models.layers import cpu_has_bf16_kernels
 
+    peak = peaks()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats (median), "
-          f"CPU bf16 kernels: {cpu_has_bf16_kernels()}")
+          f"CPU bf16 kernels: {cpu_has_bf16_kernels()}, CPU flags: {cpu_flags()}, matmul peak "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
     rows = [row for name in args.configs for row in bench(name, args.modes, repeats)]
     print("\n| config | latent | precision | diffusers wall s | Chorus wall s | ratio | diffusers CPU s | "
           "Chorus CPU s | CPU ratio | max abs diff |")
@@ -113,6 +118,13 @@ def main() -> None:
         print(f"| {r['config']} | {r['shape']} | {r['mode']} | {r['diffusers']:.3f} | {r['chorus']:.3f} | "
               f"{r['diffusers'] / r['chorus']:.2f}× | {r['diffusers_cpu']:.3f} | {r['chorus_cpu']:.3f} | "
               f"{r['diffusers_cpu'] / r['chorus_cpu']:.2f}× | {r['max_diff']:.1e} |")
+    print("\n| config | precision | GFLOP per forward | diffusers GFLOP/s | Chorus GFLOP/s | Chorus / fp32 peak |"
+          + (" Chorus / bf16 peak |" if "bf16" in peak else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if "bf16" in peak else ""))
+    for r in rows:
+        ours = rate(r["flops"], r["chorus"])
+        print(f"| {r['config']} | {r['mode']} | {r['flops'] / 1e9:.2f} | {rate(r['flops'], r['diffusers']):.1f} | "
+              f"{ours:.1f} | {ours / peak['fp32']:.0%} |" + (f" {ours / peak['bf16']:.0%} |" if "bf16" in peak else ""))
 
 
 if __name__ == "__main__":
