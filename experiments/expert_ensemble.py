@@ -83,6 +83,28 @@ def main() -> int:
             out.write_text(json.dumps(record, indent=1))
             print(f"{name}, guidance {key}: overall {summary['overall']:.3f}, FID-world {fid['fid']:.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
+    # attribution (expert swaps): the 2-expert ensemble with one of its experts replaced by the continuation
+    swaps = {"2 experts, high-noise expert swapped for the continuation": ("runs/experts-1/model", "runs/experts-2/low/model"),
+             "2 experts, low-noise expert swapped for the continuation": ("runs/experts-2/high/model", "runs/experts-1/model")}
+    for name, (high, low) in swaps.items():
+        if name in record["results"] or not all((ROOT / f / "model_index.json").is_file() for f in (high, low)):
+            continue
+        from chorus.train.experts import assemble
+        folder = ROOT / "runs/expert-swaps" / name.split(", ")[1].split(" ")[0]
+        experts = [{"name": "high", "start": 0.0, "end": 0.5, "timestep_interval": (0.5, 1.0), "steps": 300},
+                   {"name": "low", "start": 0.5, "end": 1.0, "timestep_interval": (0.0, 0.5), "steps": 300}]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        assemble([ROOT / high, ROOT / low], experts, folder)
+        pipe = Pipeline.from_pretrained(folder)
+        t0 = time.time()
+        images = generate_images(pipe, specs, 1, args.steps, 2.0, 0, progress=False)
+        summary = summarize(score_images(images, specs, ev))
+        fid = fid_against_renders(ev, images, specs)
+        record["results"][name] = {"2": {"overall": summary["overall"], "tasks": summary["tasks"],
+                                         "fid_world": fid["fid"], "fid_floor": fid["fid_floor"],
+                                         "experts": [high, low], "seconds": time.time() - t0}}
+        out.write_text(json.dumps(record, indent=1))
+        print(f"{name}, guidance 2: overall {summary['overall']:.3f}, FID-world {fid['fid']:.3f}", flush=True)
     record["verdict"] = verdict(record["results"], args.guidance)
     out.write_text(json.dumps(record, indent=1))
     write_table(record, out.with_suffix(".md"), args.guidance)
@@ -145,6 +167,8 @@ def figure(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, per in results.items():
+        if name not in SYSTEMS:
+            continue
         gs = sorted(per, key=float)
         ax.plot([per[g]["fid_world"] for g in gs], [per[g]["overall"] for g in gs], "o-", label=name)
         for g in gs:
