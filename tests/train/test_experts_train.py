@@ -138,3 +138,32 @@ def test_bad_input(sd_folder, tmp_path, capsys):
                  "--out", tmp_path / "bad") != 0
     assert "increasing" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_expert_may_be_a_whole_pipeline_of_another_architecture(sd_folder, sd2v_folder, tmp_path):
+    """experts.json's "folder" entries: an expert with its own UNet architecture, conditioner and prediction type
+    (here SD 2.x-style v-prediction beside an SD 1.x-style ε model) over the same latent space."""
+    import shutil
+    folder = tmp_path / "mixed"
+    shutil.copytree(sd_folder, folder)
+    shutil.copytree(sd2v_folder, folder / "experts" / "low")
+    (folder / "experts.json").write_text(json.dumps({"experts": [
+        {"name": "high", "unet": "unet", "start": 0.0, "end": 0.6},
+        {"name": "low", "folder": "experts/low", "start": 0.6, "end": 1.0}]}))
+    pipe = Pipeline.from_pretrained(folder)
+    high, low = (e.model for e in pipe.experts)
+    assert (high.prediction_type, low.prediction_type) == ("epsilon", "v_prediction")
+    assert high.conditioner is not low.conditioner and high.unet.config != low.unet.config
+    out = pipe("a red circle", num_inference_steps=5, guidance_scale=3.0, height=32, width=32, sampler="euler", seed=0,
+               progress=False, output_type="latent").latents
+    assert torch.isfinite(out).all()
+    (folder / "experts.json").write_text(json.dumps({"experts": [
+        {"name": "high", "unet": "unet", "start": 0.0, "end": 0.6}, {"name": "low", "unet": "nowhere", "start": 0.6,
+                                                                       "end": 1.0}]}))
+    with pytest.raises(ChorusError, match="does not exist"):
+        Pipeline.from_pretrained(folder)
+    (folder / "experts.json").write_text(json.dumps({"experts": [
+        {"name": "high", "unet": "unet", "start": 0.0, "end": 0.5}, {"name": "low", "unet": "unet", "start": 0.6,
+                                                                      "end": 1.0}]}))
+    with pytest.raises(ChorusError, match="cover the schedule"):
+        Pipeline.from_pretrained(folder)
