@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ from chorus.pipeline import Pipeline  # noqa: E402
 from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.eval_cli import fid_against_renders, generate_images  # noqa: E402
 from chorus.world.evaluator import Evaluator, score_images  # noqa: E402
-from chorus.world.scoring import summarize  # noqa: E402
+from chorus.world.scoring import overall_standard_error, summarize  # noqa: E402
 
 ARMS = {"both": [], "CLIP only (MiniLM dropped)": ["minilm"], "MiniLM only (CLIP dropped)": ["text_encoder"]}
 
@@ -70,7 +69,7 @@ def main() -> int:
               f"({time.time() - t0:.0f} s)", flush=True)
     both, clip, lm = (results[a] for a in ARMS)
     # paired bootstrap over prompts of overall (mean of task accuracies) differences
-    se = {a: bootstrap_se(results[a]["correct"], [s["tag"] for s in specs for _ in range(k)]) for a in ARMS}
+    se = {a: overall_standard_error(results[a]["correct"], [s["tag"] for s in specs for _ in range(k)]) for a in ARMS}
     words = lambda r: r["splits"].get("heldout_words", {}).get("overall", float("nan"))  # noqa: E731
     best_single = max(clip["overall"], lm["overall"])
     holds = both["overall"] >= best_single - 2 * se["both"]
@@ -99,17 +98,6 @@ def main() -> int:
     Path(args.out).with_suffix(".md").write_text("\n".join(lines))
     print(verdict)
     return 0
-
-
-def bootstrap_se(correct: list[bool], tags: list[str], n: int = 500, seed: int = 0) -> float:
-    """Standard error of the overall score (mean of per-task accuracies), resampling images within tasks."""
-    rng = np.random.default_rng(seed)
-    by_tag: dict[str, np.ndarray] = {}
-    for c, t in zip(correct, tags):
-        by_tag.setdefault(t, []).append(c)
-    arrays = [np.asarray(v, dtype=float) for v in by_tag.values()]
-    draws = [np.mean([a[rng.integers(0, len(a), len(a))].mean() for a in arrays]) for _ in range(n)]
-    return float(np.std(draws))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from chorus.pipeline import Pipeline  # noqa: E402
 from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.eval_cli import fid_against_renders, generate_images  # noqa: E402
 from chorus.world.evaluator import Evaluator, score_images  # noqa: E402
-from chorus.world.scoring import summarize  # noqa: E402
+from chorus.world.scoring import overall_standard_error, summarize  # noqa: E402
 
 SYSTEMS = {"shared model": "default", "continued (600 steps, whole schedule)": "runs/experts-1/model",
            "2 experts (0.5; 300 + 300 steps)": "runs/experts-2/model",
@@ -142,6 +142,11 @@ def write_table(record: dict, path: Path, guidance: list[float]) -> None:
              f"(`{record['command']}`).", "",
              "| system | " + " | ".join(f"g = {g:g}: overall / FID" for g in guidance) + " | best overall |",
              "|---|" + "---|" * (len(guidance) + 1)]
+    tags_of = [s["tag"] for s in load_specs()[::record.get("every", 1)]][:record["prompts"]]
+    ses = [overall_standard_error(r["correct"], tags_of) for per in record["results"].values() for r in per.values()
+           if "correct" in r]
+    lines[0] += (f" Overall ± {np.mean(ses):.3f} (bootstrap standard error over prompts, the mean over cells); one "
+                 "branch seed per system.") if ses else ""
     for name, per in record["results"].items():
         cells = [f"{per[f'{g:g}']['overall']:.3f} / {per[f'{g:g}']['fid_world']:.3f}" if f"{g:g}" in per else "–"
                  for g in guidance]

@@ -152,6 +152,19 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
+def overall_standard_error(correct: list[bool], tags: list[str], n: int = 500, seed: int = 0) -> float:
+    """Bootstrap standard error of the overall score (the mean of the per-task accuracies), resampling the
+    images of each task with replacement."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    by_tag: dict[str, list[bool]] = {}
+    for c, t in zip(correct, tags):
+        by_tag.setdefault(t, []).append(c)
+    arrays = [np.asarray(v, dtype=float) for v in by_tag.values()]
+    draws = [np.mean([a[rng.integers(0, len(a), len(a))].mean() for a in arrays]) for _ in range(n)]
+    return float(np.std(draws))
+
+
 def format_table(summary: dict) -> str:
     """A per-task text table (rows: tasks; columns: all images, then each split)."""
     splits = summary.get("splits", {})
