@@ -25,7 +25,8 @@ def register(sub) -> None:
                                    "only A1111's chunk too.")
     p.add_argument("prompt", nargs="?", help="the text prompt")
     p.add_argument("--model", default=None, help="model folder, or 'default' (the shipped model)")
-    p.add_argument("--refiner", default=None, help="an SDXL refiner folder: a second expert for the last steps")
+    p.add_argument("--refiner", default=None, help="a refiner folder (SDXL's, or Chorus's world refiner: "
+                   "default-refiner): one more expert, for the steps after --switch-at")
     p.add_argument("--switch-at", type=float, default=0.8, help="where the refiner takes over (fraction, 0.8)")
     p.add_argument("--controlnet", default=None, help="a ControlNet folder or single file (a control of the UNet); "
                    "default-layout: the shipped world ControlNet")
