@@ -21,9 +21,11 @@ def shipped_weights(name: str) -> Path:
 
 
 def resolve_shipped(name, kind: str = ""):
-    """A model argument: `default-<x>` names a shipped world model, weights/<kind><x> (`--refiner default-refiner`
+    """A model argument: `default` is the shipped model, `default-<x>` names a shipped world model, weights/<kind><x> (`--refiner default-refiner`
     → weights/refiner, `--controlnet default-layout` → weights/controlnet-layout); anything else is a path."""
     text = str(name)
+    if text == "default" and not kind and not Path(text).exists():
+        return shipped_weights("default")
     if text.startswith("default-") and not Path(text).exists():
         return shipped_weights(kind + text[len("default-"):])
     return name

@@ -92,8 +92,10 @@ def size_number(r):
 
 def size_arms_number(r):
     res = r["results"]
-    return "FID-world / IS drop, nocond, cond: " + ", ".join(f"{res[a]['fid_world']:.3f} / {res[a]['is']:.2f}"
-                                                          for a in ("drop", "nocond", "cond"))
+    seeds = r.get("seeds", [r.get("seed", 0)])
+    return (f"{len(seeds)} training seeds, FID-world / IS drop, nocond, cond: "
+            + ", ".join(f"{res[a]['fid_world']:.3f} ± {res[a].get('fid_world_std', float('nan')):.3f} / {res[a]['is']:.2f}"
+                        for a in ("drop", "nocond", "cond")))
 
 
 def crop_number(r):

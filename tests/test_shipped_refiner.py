@@ -30,6 +30,13 @@ def test_default_refiner_is_an_expert_of_the_default_model():
     assert out.images[0].size == (64, 64)
 
 
+def test_the_shipped_model_by_name_is_a_refiner_too():
+    """`refiner="default"`: the shipped model itself as the expert of the last steps (the hand-over alone, the
+    refiner study's control)."""
+    pipe = Pipeline.from_pretrained("default", refiner="default", switch_at=0.8)
+    assert [e.name for e in pipe.experts] == ["base", "refiner"]
+
+
 def test_cli_refines_by_name_both_ways(tmp_path):
     assert main(["generate", "a blue star", "--refiner", "default-refiner", "--n", "1", "--steps", "10",
                  "--out", str(tmp_path / "a")]) == 0
