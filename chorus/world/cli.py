@@ -6,10 +6,14 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chorus.errors import ChorusError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> int:
