@@ -73,6 +73,7 @@ def part1(run: Path) -> dict:
 
 def part2(controlnet: str, seeds: int, steps: int) -> dict:
     from chorus.pipeline import Pipeline
+    from chorus.world.benchmark import load_specs
     from chorus.world.conditions import condition_image
     from chorus.world.eval_cli import fid_against_renders
     from chorus.world.evaluator import Evaluator
@@ -80,7 +81,7 @@ def part2(controlnet: str, seeds: int, steps: int) -> dict:
     from chorus.world.render import render_spec
     from chorus.world.scoring import evaluate_spec
     condition = json.loads((Path(controlnet) / "chorus_control.json").read_text())["condition"]
-    specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = load_specs(ROOT / "docs/records/default-grow/val_specs.jsonl")
     renders = [render_spec(s, 700 + i, size=64, with_instances=True) for i, s in enumerate(specs)]
     conds = torch.from_numpy(np.stack([condition_image(r, condition) for r in renders])).permute(0, 3, 1, 2) / 255.0
     refs = [Reference.of_sample(r) for r in renders]

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chorus.pipeline import Pipeline  # noqa: E402
+from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.evaluator import Evaluator  # noqa: E402
 from chorus.world.render import make_sample  # noqa: E402
 
@@ -96,7 +97,7 @@ def main() -> int:
         [cut_by_detector(d) for d in ev.detect([s.image for s in unframed])])
     examples["training data"] = [s.image for s in cropped[:8]]
 
-    specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = load_specs(ROOT / "docs/records/default-grow/val_specs.jsonl")
     prompts = [s["prompt"] for s in specs][:args.prompts]
     arms = [("shipped model, crop (0, 0)", "default", (0, 0)), ("shipped model, crop (16, 16)", "default", (16, 16)),
             ("shipped model, crop (32, 32)", "default", (32, 32)),

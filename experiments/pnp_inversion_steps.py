@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from chorus.controls.plug_and_play import ddim_inversion, edit, encode_mean  # noqa: E402
 from chorus.pipeline import Pipeline  # noqa: E402
+from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.evaluator import Evaluator  # noqa: E402
 from chorus.world.fidelity import Reference, match  # noqa: E402
 from chorus.world.render import render_spec  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = load_specs(ROOT / "docs/records/default-grow/val_specs.jsonl")
     specs = [s for s in specs if s["tag"] in ("two_object", "color_attr", "position")][:args.images]
     renders = [render_spec(s, 1000 + i, size=64, with_instances=True) for i, s in enumerate(specs)]
     images = [Image.fromarray(r.image) for r in renders]

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from chorus.controls.plug_and_play import ddim_inversion, edit, encode_mean  # noqa: E402
 from chorus.pipeline import Pipeline  # noqa: E402
+from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.evaluator import Evaluator  # noqa: E402
 from chorus.world.fidelity import Reference, match  # noqa: E402
 from chorus.world.render import render_spec  # noqa: E402
@@ -45,7 +46,7 @@ def article(word: str) -> str:
 
 
 def make_pairs(n: int, size: int = 64) -> list[dict]:
-    specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = load_specs(ROOT / "docs/records/default-grow/val_specs.jsonl")
     specs = [s for s in specs if s["tag"] in ("single_object", "two_object", "colors", "color_attr", "position")]
     pairs, i = [], 0
     rng = np.random.default_rng(0x9E7)

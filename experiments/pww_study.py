@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from chorus.controls import PaintWithWords  # noqa: E402
 from chorus.pipeline import Pipeline  # noqa: E402
+from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.evaluator import Evaluator  # noqa: E402
 from chorus.world.render import render_spec  # noqa: E402
 from chorus.world.scoring import evaluate_spec  # noqa: E402
@@ -72,7 +73,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs/records/pww_study.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = load_specs(ROOT / "docs/records/default-grow/val_specs.jsonl")
     specs = [s for s in specs if s["tag"] in ("two_object", "position", "color_attr")]
     pipe = Pipeline.from_pretrained("default")
     ev = Evaluator.load()

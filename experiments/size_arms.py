@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from chorus.pipeline import Pipeline  # noqa: E402
 from chorus.train import checkpoint as ckpt  # noqa: E402
 from chorus.train.unet import train_unet  # noqa: E402
+from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.eval_cli import fid_against_renders  # noqa: E402
 from chorus.world.evaluator import Evaluator  # noqa: E402
 
@@ -64,7 +65,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = load_specs(ROOT / "docs/records/default-grow/val_specs.jsonl")
     specs = specs[:args.prompts]
     flat = [s for s in specs for _ in range(args.images_per_prompt)]
     ev = Evaluator.load()

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chorus.pipeline import Pipeline  # noqa: E402
+from chorus.world.benchmark import load_specs  # noqa: E402
 from chorus.world.evaluator import Evaluator  # noqa: E402
 from chorus.world.render import render_spec  # noqa: E402
 from chorus.world.scoring import evaluate_spec  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    specs = [json.loads(line) for line in (ROOT / "docs/records/default-grow/val_specs.jsonl").read_text().splitlines()]
+    specs = load_specs(ROOT / "docs/records/default-grow/val_specs.jsonl")
     specs = specs[:args.prompts]
     prompts = [s["prompt"] for s in specs]
     pipe = Pipeline.from_pretrained("default")
