@@ -38,14 +38,13 @@ from chorus.train.parts import adopt_base
 
 
 @dataclass
-class ExpertsTrainConfig(UNetTrainConfig):
-    """UNetTrainConfig on a shared `base`, plus where the experts hand over. The data and objective defaults
-    are the shipped model's last stage (preset default-grow), so the experts and the continuation see the data
-    the shared model saw; the optimiser follows claims_protocols.md §6.2 (lr 1e-4 constant, 50 warm-up)."""
+class BranchTrainConfig(UNetTrainConfig):
+    """A UNet branched from a shared `base` onto part of its schedule (an expert, the refiner). The data and
+    objective defaults are the shipped model's last stage (preset default-grow), so a branch and the
+    continuation see the data the shared model saw; the optimiser follows claims_protocols.md §6.2 (lr 1e-4
+    constant, 50 warm-up)."""
 
-    splits: tuple = (0.5,)              # hand-over points, fractions of the sampling schedule (0 = pure noise)
     init_from_base: bool = True
-    steps: int = 600                    # the total over all experts (each trains steps / N)
     lr: float = 1e-4
     lr_schedule: str = "constant"
     warmup_steps: int = 50
@@ -59,10 +58,25 @@ class ExpertsTrainConfig(UNetTrainConfig):
     sample_prompts: tuple = ()
     export_dtype: str = "float16"
 
+    no_base = "A branch starts from a shared model: --base FOLDER (or --base default)."
+
     def __post_init__(self):
         super().__post_init__()
         if not self.base:
-            raise ChorusError("Experts are branched from a shared model: --base FOLDER (or --base default).")
+            raise ChorusError(self.no_base)
+
+
+@dataclass
+class ExpertsTrainConfig(BranchTrainConfig):
+    """BranchTrainConfig plus where the experts hand over."""
+
+    splits: tuple = (0.5,)              # hand-over points, fractions of the sampling schedule (0 = pure noise)
+    steps: int = 600                    # the total over all experts (each trains steps / N)
+
+    no_base = "Experts are branched from a shared model: --base FOLDER (or --base default)."
+
+    def __post_init__(self):
+        super().__post_init__()
         if not self.init_from_base or self.unet:
             raise ChorusError("Each expert starts as a copy of the shared model: init_from_base must stay true and "
                               "`unet` empty.")
@@ -95,7 +109,7 @@ class ExpertsTrainConfig(UNetTrainConfig):
 
 
 @dataclass
-class RefinerTrainConfig(UNetTrainConfig):
+class RefinerTrainConfig(BranchTrainConfig):
     """SDXL's refiner as one expert: the shared model fine-tuned on the lowest-noise part of the schedule
     (sampling [switch_at, 1) = t < T(1 − switch_at): 200 of 1000 at 0.8), on unframed scenes (world_crop off:
     no crop, the native size's sharpness kept), with SDXL's refiner conditioning added: the aesthetic-score
@@ -104,26 +118,13 @@ class RefinerTrainConfig(UNetTrainConfig):
     the base. `chorus generate --refiner OUT/model` hands over to it at `switch_at`."""
 
     switch_at: float = 0.8
-    init_from_base: bool = True
     steps: int = 300
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 50
     world_crop: bool = False
-    descriptive_captions: float = 0.5
-    epoch_size: int | None = 30_000
-    text_cache_mb: int = 8192
-    mixed_precision: str = "no"
-    ema_decay: float = 0.995
-    save_every: int = 100
-    keep_last: int = 2
-    sample_prompts: tuple = ()
-    export_dtype: str = "float16"
+
+    no_base = "A refiner is branched from the base it refines: --base FOLDER (or --base default)."
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.base:
-            raise ChorusError("A refiner is branched from the base it refines: --base FOLDER (or --base default).")
         if not 0.0 < float(self.switch_at) < 1.0:
             raise ChorusError(f"switch_at is where the refiner takes over, a fraction in (0, 1); got {self.switch_at}.")
         if tuple(self.timestep_interval) != (0.0, 1.0):   # a saved config (a checkpoint's) keeps its interval
@@ -272,4 +273,4 @@ def run_refiner_from_args(args) -> int:
     return run_adapter(args, refiner_config_from_args, train_refiner)
 
 
-__all__ = ["ExpertsTrainConfig", "RefinerTrainConfig", "train_experts", "train_refiner", "run_refiner_from_args", "assemble", "parse_splits", "config_from_args", "run_from_args"]
+__all__ = ["BranchTrainConfig", "ExpertsTrainConfig", "RefinerTrainConfig", "train_experts", "train_refiner", "run_refiner_from_args", "assemble", "parse_splits", "config_from_args", "run_from_args"]
