@@ -21,8 +21,9 @@ def shipped_weights(name: str) -> Path:
 
 
 def resolve_shipped(name, kind: str = ""):
-    """A model argument: `default` is the shipped model, `default-<x>` names a shipped world model, weights/<kind><x> (`--refiner default-refiner`
-    → weights/refiner, `--controlnet default-layout` → weights/controlnet-layout); anything else is a path."""
+    """A model argument: `default` is the shipped model, `default-<x>` a shipped world model, weights/<kind><x>
+    (`--refiner default-refiner` → weights/refiner, `--controlnet default-layout` → weights/controlnet-layout);
+    anything else is a path."""
     text = str(name)
     if text == "default" and not kind and not Path(text).exists():
         return shipped_weights("default")

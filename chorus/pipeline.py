@@ -195,7 +195,7 @@ class Pipeline:
         if is_single_file(folder):
             return cls.from_single_file(folder, refiner=refiner, switch_at=switch_at, controlnet=controlnet,
                                         torch_dtype=torch_dtype)
-        folder = default_model_path() if str(folder) == "default" else Path(folder)
+        folder = Path(folder)
         if torch_dtype is None:
             torch_dtype = torch.float32  # on the CPU fp16 weights run far slower than fp32: upcast on load
         base, vae = load_stage(folder, torch_dtype)
