@@ -63,3 +63,23 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def training_precision(mode: str, device: torch.device) -> tuple[str, str]:
+    """The precision a training run uses: ("bf16" | "no", why). "auto" picks bf16 autocast where it is the
+    faster path (a CUDA GPU with bf16, or a CPU with native bf16 kernels: AVX512-BF16 / AMX, measured by
+    benchmarks/train_step.py) and fp32 elsewhere; "bf16" and "no" are kept as given."""
+    if mode == "no":
+        return "no", "fp32 (as configured)"
+    if mode == "bf16":
+        return "bf16", "bf16 autocast (as configured)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "bf16 autocast (auto: this GPU supports bf16)"
+        return "no", "fp32 (auto: this GPU has no bf16)"
+    if device.type == "cpu":
+        from chorus.models.layers import cpu_has_bf16_kernels
+        if cpu_has_bf16_kernels():
+            return "bf16", "bf16 autocast (auto: this CPU has native bf16 kernels)"
+        return "no", "fp32 (auto: this CPU has no native bf16 kernels, where bf16 would be slower)"
+    return "no", f"fp32 (auto: no bf16 path chosen for {device.type})"

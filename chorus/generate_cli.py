@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="where <lora:NAME:WEIGHT> prompt tags find NAME.safetensors (also looked for beside the model)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (20)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommended steps from "
+                   "its sampling_defaults.json, else 20)")
     p.add_argument("--sampler", default=None, help="sampler (dpmpp_2m); see `chorus generate --list-samplers`")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's recommended "
                    "scale from its sampling_defaults.json, else 5)")
@@ -184,7 +185,7 @@ def run_generate(args) -> int:
     if args.list_samplers:
         print("\n".join(sorted(samplers.SAMPLERS)))
         return 0
-    settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": 20, "sampler": "dpmpp_2m",
+    settings = {"prompt": args.prompt, "negative": args.negative, "seed": 0, "steps": None, "sampler": "dpmpp_2m",
                 "guidance": None, "size": None, "model": "default", "refiner": None, "controlnet": None,
                 "control_image": None, "control_scale": 1.0, "original_size": None, "crop": None, "lora": [],
                 "lora_dir": None, "clip_skip": 1, "karras": None, "device": "cpu", "dtype": "fp32",
@@ -260,6 +261,8 @@ def run_generate(args) -> int:
     settings["size"] = f"{h}x{w}"
     if settings["guidance"] is None:   # the model's recommended scale (sampling_defaults.json), else 5
         settings["guidance"] = pipe.default_guidance
+    if settings["steps"] is None:      # the model's recommended steps (sampling_defaults.json), else 20
+        settings["steps"] = pipe.default_steps
     seed = int(settings["seed"])
     folder = Path(args.out)
     for i in range(n):

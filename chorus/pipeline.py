@@ -273,6 +273,12 @@ class Pipeline:
         return float(self.sampling_defaults.get("guidance_scale", 5.0))
 
     @property
+    def default_steps(self) -> int:
+        """The model's recommended number of sampling steps (sampling_defaults.json, chosen by a steps-to-quality
+        study such as experiments/steps_to_quality.py), else 20."""
+        return int(self.sampling_defaults.get("num_inference_steps", 20))
+
+    @property
     def default_size(self) -> int:
         return self.base.unet.config.sample_size * self.vae_scale_factor
 
@@ -608,7 +614,7 @@ class Pipeline:
 
 def read_sampling_defaults(folder) -> dict:
     """A model folder's recommended sampling settings (sampling_defaults.json, written by whoever chose
-    them on validation prompts; e.g. {"guidance_scale": 3.0}); {} when it has none."""
+    them on validation prompts; e.g. {"guidance_scale": 3.0, "num_inference_steps": 15}); {} when it has none."""
     path = Path(folder) / "sampling_defaults.json"
     if not path.is_file():
         return {}
@@ -616,6 +622,9 @@ def read_sampling_defaults(folder) -> dict:
     g = data.get("guidance_scale")
     if g is not None and (not isinstance(g, (int, float)) or not 0 <= g <= 100):
         raise ChorusError(f"{path}: guidance_scale must be a number in [0, 100], got {g!r}.")
+    n = data.get("num_inference_steps")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000):
+        raise ChorusError(f"{path}: num_inference_steps must be a whole number in [1, 1000], got {n!r}.")
     return data
 
 

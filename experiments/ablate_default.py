@@ -4,11 +4,11 @@ each of its levers (the issue "A default model that draws what the prompt says",
     python experiments/ablate_default.py --steps 800 --seeds 0 1 [--arms full no-minilm …] [--threads 2]
 
 Each (arm, seed) trains `--preset default-scratch` with one change, from scratch, for `--steps` steps
-(equal samples for every arm) into runs/ablate/ARM-sSEED (a finished run is not trained again; an
+(equal samples for every arm) into runs/ablate/ARM-sSEED-STEPS (a finished run is not trained again; an
 unfinished one resumes), then generates the world benchmark at `--images-per-prompt` images per prompt
 (20 DPM++ 2M steps, guidance 5) and scores it with the world evaluator, FID-world included. Raw records
-go to docs/ablation_default.json (every run's scores), the table with mean ± std over seeds to
-docs/ablation_default.md. The arms, and the seminar's claim each tests:
+go to docs/records/ablation_default.json (every run's scores), the table with mean ± std over seeds to
+docs/records/ablation_default.md. The arms, and the seminar's claim each tests:
 
     full            everything (CLIP + MiniLM, micro-conditioning, descriptive captions, v + zero SNR, 16×16 attention)
     no-minilm       the world CLIP alone            (eDiff-I: each encoder alone loses something)
@@ -64,12 +64,12 @@ def train_arm(name: str, change: dict, seed: int, steps: int, out: Path) -> Path
     return train_unet(cfg, out, progress=True, resume=bool(checkpoints(out)))
 
 
-def evaluate(model: Path, images_per_prompt: int) -> dict:
+def evaluate(model: Path, images_per_prompt: int, limit: int | None = None) -> dict:
     from chorus.world.benchmark import load_specs
     from chorus.world.eval_cli import fid_against_renders, generate_images
     from chorus.world.evaluator import Evaluator, score_images
     from chorus.world.scoring import summarize
-    specs = load_specs()
+    specs = load_specs()[:limit]
     images = generate_images(str(model), specs, images_per_prompt, 20, 5.0, 0)
     flat = [s for s in specs for _ in range(images_per_prompt)]
     evaluator = Evaluator.load()
@@ -99,6 +99,18 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_table(record: Path, records: list[dict], args) -> Path:
+    md = record.with_suffix(".md")
+    runs = [r for r in records if r["steps"] == args.steps]
+    md.write_text(f"# The default recipe's ablation ({args.steps} steps × 64 per run, from scratch)\n\n"
+                  f"`python experiments/ablate_default.py --steps {args.steps} --seeds "
+                  f"{' '.join(map(str, args.seeds))}`; raw records in `{record.name}` ({len(runs)} runs so far). "
+                  "Each run: the `default-scratch` recipe with one lever changed, precision `auto`, then the world "
+                  "benchmark (553 prompts × 1, 20 DPM++ 2M steps, guidance 5) and FID-world. ± : std over seeds.\n\n"
+                  + table(runs) + "\n")
+    return md
+
+
 def main(argv=None) -> int:
     import torch
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,8 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--arms", nargs="+", default=list(arms()))
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None, help="only the first N benchmark prompts (a smoke run)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "ablate"))
-    p.add_argument("--record", default=str(ROOT / "docs" / "ablation_default.json"))
+    p.add_argument("--record", default=str(ROOT / "docs" / "records" / "ablation_default.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     table_of = arms()
@@ -117,23 +130,20 @@ def main(argv=None) -> int:
         p.error(f"unknown arm(s) {unknown}; the arms are {list(table_of)}")
     record = Path(args.record)
     records = json.loads(record.read_text())["runs"] if record.is_file() else []
-    for arm in args.arms:
-        for seed in args.seeds:
+    for seed in args.seeds:          # every arm's first seed before any second one: an interrupted study is balanced
+        for arm in args.arms:
             if any(r["arm"] == arm and r["seed"] == seed and r["steps"] == args.steps for r in records):
                 continue
             t0 = time.time()
-            model = train_arm(arm, table_of[arm], seed, args.steps, Path(args.runs) / f"{arm}-s{seed}")
-            scores = evaluate(model, args.images_per_prompt)
+            model = train_arm(arm, table_of[arm], seed, args.steps, Path(args.runs) / f"{arm}-s{seed}-{args.steps}")
+            scores = evaluate(model, args.images_per_prompt, args.limit)
             records.append({"arm": arm, "seed": seed, "steps": args.steps, "change": table_of[arm],
                             "images_per_prompt": args.images_per_prompt, "wall_s": round(time.time() - t0, 1),
                             "scores": scores})
             record.write_text(json.dumps({"runs": records}, indent=1) + "\n")   # after every run: nothing lost
-            print(f"{arm} seed {seed}: overall {scores['overall']:.3f}, FID {scores['fid']:.2f}")
-    md = record.with_suffix(".md")
-    md.write_text(f"# The default recipe's ablation ({args.steps} steps × 64 per run)\n\n"
-                  f"`python experiments/ablate_default.py --steps {args.steps} --seeds "
-                  f"{' '.join(map(str, args.seeds))}`; raw records in `{record.name}`.\n\n"
-                  + table([r for r in records if r["steps"] == args.steps]) + "\n")
+            write_table(record, records, args)
+            print(f"{arm} seed {seed}: overall {scores['overall']:.3f}, FID {scores['fid']:.2f}", flush=True)
+    md = write_table(record, records, args)
     print(md.read_text())
     return 0
 

@@ -107,3 +107,25 @@ def test_a_models_recommended_guidance_is_the_default_and_flags_override_it(sd_f
     (model / "sampling_defaults.json").write_text(json.dumps({"guidance_scale": "high"}))
     assert gen("a red circle", "--model", model, "--steps", 2, "--out", tmp_path / "o3") == 2
     assert "guidance_scale" in capsys.readouterr().err
+
+
+def test_a_models_recommended_steps_are_the_default_and_flags_override_them(sd_folder, tmp_path, capsys):
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(sd_folder, model)
+    (model / "sampling_defaults.json").write_text(json.dumps({"num_inference_steps": 3}))
+    for flags, steps in (((), 3), (("--steps", 2), 2)):
+        out = tmp_path / f"o{steps}"
+        assert gen("a red circle", "--model", model, "--n", 1, "--size", "32x32", "--out", out, *flags) == 0
+        (png,) = out.glob("*.png")
+        with Image.open(png) as im:
+            assert json.loads(im.text["chorus"])["steps"] == steps
+    shutil.rmtree(tmp_path / "o3")
+    assert gen("a red circle", "--model", sd_folder, "--n", 1, "--size", "32x32", "--out", tmp_path / "o3") == 0
+    with Image.open(next((tmp_path / "o3").glob("*.png"))) as im:
+        assert json.loads(im.text["chorus"])["steps"] == 20      # no recommendation: 20
+    for bad in (0, 2.5, "many", True):
+        (model / "sampling_defaults.json").write_text(json.dumps({"num_inference_steps": bad}))
+        assert gen("a red circle", "--model", model, "--out", tmp_path / "o4") == 2
+        assert "num_inference_steps" in capsys.readouterr().err
+        assert not (tmp_path / "o4").exists()

@@ -92,3 +92,15 @@ def test_train_device_reaches_the_distributed_setup():
     with train_device("cpu"):
         assert D.setup is not original and D.setup().device == torch.device("cpu")
     assert D.setup is original
+
+
+def test_training_precision_auto_follows_the_hardware(monkeypatch):
+    """--precision auto: bf16 autocast exactly where the CPU has native bf16 kernels; explicit choices kept."""
+    from chorus.devices import training_precision
+    from chorus.models import layers
+    cpu = torch.device("cpu")
+    for has in (True, False):
+        monkeypatch.setattr(layers, "cpu_has_bf16_kernels", lambda has=has: has)
+        mode, why = training_precision("auto", cpu)
+        assert mode == ("bf16" if has else "no") and "auto" in why
+    assert training_precision("no", cpu)[0] == "no" and training_precision("bf16", cpu)[0] == "bf16"

@@ -159,6 +159,41 @@ def test_cpu_bf16_autocast(monkeypatch):
     assert (masked.float() - bf16.float()).abs().max().item() < 0.05
 
 
+def test_bf16_training_runs_cpu_attention_in_fp32(monkeypatch):
+    """Under CPU bf16 autocast, attention that is differentiated goes through fp32 SDPA (the bf16 kernel's
+    backward is many times slower at these head sizes), inference stays bf16; the bf16 gradients stay close
+    to the fp32 ones."""
+    import torch.nn.functional as F
+
+    from chorus.models import attention, layers
+    monkeypatch.setattr(layers, "CPU_AUTOCAST_FALLBACK", False)   # bf16 even where the CPU lacks its kernels
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    _, ours = pair(SD1_SMALL)
+    args = inputs(SD1_SMALL)
+
+    def grads(model, autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(sample=args["sample"], timestep=10, encoder_hidden_states=args["encoder_hidden_states"])
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    g32 = grads(ours, False)
+    seen.clear()
+    g16 = grads(ours, True)
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        run_ours(ours, 10, args)
+    assert set(seen) == {torch.bfloat16}
+    cos = F.cosine_similarity(g16, g32, dim=0).item()
+    assert cos > 0.999, cos
+    assert (g16 - g32).norm() / g32.norm() < 0.03
+
+
 # --- hooks ----------------------------------------------------------------------------------------
 def test_identity_hook_and_logits_path_match_sdpa():
     _, ours = pair(SDXL)

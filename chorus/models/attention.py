@@ -11,6 +11,7 @@ read or replace them — the entry point for Plug-and-Play and paint-with-words.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -44,6 +45,14 @@ def attention_explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, hoo
     return torch.matmul(F.softmax(logits.float(), dim=-1), v)  # (B, h, Lq, d)
 
 
+def slow_bf16_backward(q: Tensor) -> bool:
+    """Will the backward pass go through CPU's bf16 flash attention? At the UNet's head sizes (d = 32,
+    16-256 tokens) its backward is 5-15× slower than fp32's (benchmarks/attention_bf16.py), which made
+    bf16 training slower than fp32; attention that is differentiated therefore runs in fp32 there
+    (more exact as well). The forward pass alone is faster in bf16 and stays so."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled()
+
+
 class Attention(Hookable, nn.Module):
     """softmax(Q Kᵀ/√d) V with Q = x W_q, K = c W_k, V = c W_v (c = x for self-attention), then W_out."""
 
@@ -72,10 +81,13 @@ class Attention(Hookable, nn.Module):
         context = x if context is None else context
         q, k, v = (split_heads(t, self.heads) for t in self.project_qkv(x, context))  # (B, h, L, d)
         dtype = q.dtype
-        if self.upcast_attention and dtype in HALF_DTYPES:
+        fp32_on_cpu = slow_bf16_backward(q)
+        if (self.upcast_attention and dtype in HALF_DTYPES) or fp32_on_cpu:
             q, k, v = q.float(), k.float(), v.float()
         if self.hook is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
+            # (CPU autocast would cast the fp32 inputs back to bf16: it is off for this one call)
+            with torch.autocast("cpu", enabled=False) if fp32_on_cpu else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
         else:
             q, k, v = self.call_hook("query", q), self.call_hook("key", k), self.call_hook("value", v)
             out = attention_explicit(q, k, v, mask, self)

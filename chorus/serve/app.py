@@ -153,7 +153,8 @@ def create_app(engine: Engine, api_key: str | None = None, manage_engine: bool =
             "version": _version(), "current_model": engine.current,
             "models": [dict(m.to_json(), current=m.name == engine.current) for m in engine.models.values()],
             "samplers": [{"name": v, "label": k} for k, v in A1111_SAMPLERS.items()],
-            "defaults": {"sampler": "dpmpp_2m", "steps": 20, "guidance": 5.0, "seed": -1, "n": 1, "strength": 0.75},
+            "defaults": {"sampler": "dpmpp_2m", "steps": engine.models[engine.current].steps,
+                         "guidance": engine.models[engine.current].guidance, "seed": -1, "n": 1, "strength": 0.75},
             "limits": {"steps": MAX_STEPS, "side": MAX_SIDE, "images": MAX_IMAGES, "prompt": MAX_PROMPT},
             "queue_size": engine.queue_size, "pending": engine.pending_count(), "auth": bool(api_key)})
 

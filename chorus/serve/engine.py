@@ -64,10 +64,12 @@ class ModelEntry:
     path: Path
     size_multiple: int   # image sides must be multiples of this
     default_size: int
+    steps: int = 20      # the model's recommended sampling settings (sampling_defaults.json), else 20 / 5
+    guidance: float = 5.0
 
     def to_json(self) -> dict:
         return {"name": self.name, "path": str(self.path), "default_size": self.default_size,
-                "size_multiple": self.size_multiple}
+                "size_multiple": self.size_multiple, "steps": self.steps, "guidance": self.guidance}
 
 
 def model_entry(spec: str, name: str | None = None) -> ModelEntry:
@@ -90,7 +92,10 @@ def model_entry(spec: str, name: str | None = None) -> ModelEntry:
         sample = sample[0] if isinstance(sample, (list, tuple)) else int(sample)
     except (ChorusError, OSError, KeyError, TypeError, ValueError) as e:
         raise ChorusError(f"Cannot read the UNet and VAE configs of {path} ({e}).") from None
-    return ModelEntry(name, spec, path, multiple, sample * factor)
+    from chorus.pipeline import read_sampling_defaults
+    recommended = read_sampling_defaults(path)
+    return ModelEntry(name, spec, path, multiple, sample * factor, int(recommended.get("num_inference_steps", 20)),
+                      float(recommended.get("guidance_scale", 5.0)))
 
 
 def unique_models(specs: list[str]) -> list[ModelEntry]:
@@ -205,10 +210,10 @@ def build_request(engine: "Engine", *, prompt, negative=None, model=None, sample
         if key not in SCHEDULES:
             raise ApiError(422, f"Unknown {nm['scheduler']} {scheduler!r}; Chorus offers: Automatic, Karras.")
         karras = SCHEDULES[key] if SCHEDULES[key] is not None else karras
-    steps = _field(nm["steps"], steps, int, 20)
+    steps = _field(nm["steps"], steps, int, entry.steps)     # not given: the model's recommendation
     if not 1 <= steps <= MAX_STEPS:
         raise ApiError(422, f"{nm['steps']} must be between 1 and {MAX_STEPS}, got {steps}.")
-    guidance = _field(nm["guidance"], guidance, float, 5.0)
+    guidance = _field(nm["guidance"], guidance, float, entry.guidance)
     if not 0.0 <= guidance <= 100.0:
         raise ApiError(422, f"{nm['guidance']} must be between 0 and 100, got {guidance:g}.")
     seed = _field(nm["seed"], seed, int, -1)

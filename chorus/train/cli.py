@@ -68,6 +68,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
                    help="where to train: cuda (default when a GPU is there; under torchrun each rank takes "
                         "cuda:LOCAL_RANK) or cpu; mps is refused (the trainer runs on cpu or cuda)")
+    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+                   help="UNet-side training precision: auto (the presets' default unless they fix it: bf16 autocast "
+                        "where the device has fast bf16 kernels, e.g. AMX / AVX512-BF16 CPUs and GPUs, else fp32), "
+                        "bf16 (autocast) or fp32; the run's log says which it uses")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/logs)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.set_defaults(func=run_train)
@@ -92,7 +96,7 @@ def resolve(args):
     unet = override(recipe.unet, steps=args.steps if _part(args, recipe) in ("unet", "all") else None,
                     save_every=args.save_every, keep_last=args.keep, seed=args.seed, data=args.data,
                     base=args.base, batch_size=args.batch_size, lr=args.lr, sample_every=args.sample_every,
-                    eval_every=args.eval_every)
+                    eval_every=args.eval_every, mixed_precision=_precision(args))
     recipe = dataclasses.replace(recipe, unet=unet)
     part = _part(args, recipe)
     for key, value in (("steps", args.steps if part in ("vae", "text") else None), ("seed", args.seed)):
@@ -102,6 +106,12 @@ def resolve(args):
     parts = ("vae", "text", "unet") if part == "all" else (part,)
     out = Path(args.out) if args.out else _run_folder(args.resume) or Path(f"runs/{name}")
     return recipe, parts, out
+
+
+def _precision(args) -> str | None:
+    """--precision as the configs' mixed_precision field (fp32 → "no", accelerate's name)."""
+    value = getattr(args, "precision", None)
+    return {"fp32": "no"}.get(value, value)
 
 
 def adapter_config_from_args(args, config_cls, what: str, flags: dict, default_out):
@@ -122,7 +132,7 @@ def adapter_config_from_args(args, config_cls, what: str, flags: dict, default_o
     fields = read_config_file(args.config) if args.config else {}
     flags = {"base": args.base, "steps": args.steps, "save_every": args.save_every, "keep_last": args.keep,
              "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr, "sample_every": args.sample_every,
-             "eval_every": args.eval_every, **flags}
+             "eval_every": args.eval_every, "mixed_precision": _precision(args), **flags}
     fields.update({k: v for k, v in flags.items() if v is not None})
     cfg = load_config(config_cls, fields, what)
     return cfg, out or Path(default_out(cfg))

@@ -80,14 +80,12 @@ class TrainingConditioner:
         return cond.map(lambda t: t.float())  # autocast, where it is on, rounds it back to bf16 exactly
 
 
-def text_storage_dtype(cfg, device: torch.device) -> torch.dtype:
-    """bf16 when the UNet really runs under bf16 autocast (GPU, or a CPU with bf16 kernels), else fp32."""
-    if cfg.mixed_precision != "bf16":
+def text_storage_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 when the UNet really runs under bf16 autocast (`precision` resolved by
+    chorus.devices.training_precision: GPU, or a CPU with bf16 kernels), else fp32."""
+    if precision != "bf16":
         return torch.float32
     if device.type == "cuda":
         return torch.bfloat16
-    try:
-        from chorus.models.layers import cpu_has_bf16_kernels
-    except ImportError:
-        return torch.float32
+    from chorus.models.layers import cpu_has_bf16_kernels
     return torch.bfloat16 if cpu_has_bf16_kernels() else torch.float32

@@ -76,7 +76,7 @@ class UNetTrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999           # 0 = no EMA; exported unet/ holds the EMA weights
-    mixed_precision: str = "bf16"      # "bf16" (autocast) or "no"
+    mixed_precision: str = "auto"      # "auto" (bf16 autocast where the device has fast bf16), "bf16" or "no"
     seed: int = 0
     # -- bookkeeping
     save_every: int = 500
@@ -92,7 +92,7 @@ class UNetTrainConfig:
     def __post_init__(self):
         _choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
-        _choice("mixed_precision", self.mixed_precision, ("bf16", "no"))
+        _choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "no"))
         _choice("export_dtype", self.export_dtype, ("float32", "float16", "bfloat16"))
         for name in ("steps", "batch_size", "grad_accum", "resolution", "save_every", "keep_last", "log_every"):
             if int(getattr(self, name)) < 1:
@@ -291,7 +291,7 @@ def _presets() -> dict[str, RecipeConfig]:
                              descriptive_captions=0.5, steps=6000, batch_size=64, lr=1e-3, min_lr=1e-5,
                              adam_betas=(0.9, 0.99), warmup_steps=300, epoch_size=40_000, text_cache_mb=8192,
                              ema_decay=0.999, save_every=200, keep_last=2, log_every=10, sample_every=500,
-                             eval_every=0, eval_prompts=48, mixed_precision="no", export_dtype="float16"))
+                             eval_every=0, eval_prompts=48, mixed_precision="auto", export_dtype="float16"))
     # the shipped model in one command: stage 1 (ε), then stage 2 (v) and stage 3 (grown) on top
     staged = lambda r: {k: v for k, v in to_dict(r.unet).items() if k != "base"}  # noqa: E731
     default.stages = [staged(default_v), staged(default_grow)]

@@ -134,7 +134,11 @@ class UNetTrainer(Trainer):
             e.to(d.device, torch.float32)
         self.setup_trainable()
         self.model = D.wrap_ddp(self.train_module(), d)
-        self.cond = TrainingConditioner(stage.conditioner, cfg, text_storage_dtype(cfg, d.device), d.device)
+        from chorus.devices import training_precision
+        self.precision, why = training_precision(cfg.mixed_precision, d.device)
+        if d.is_main:
+            self.log(f"train: precision {why}")
+        self.cond = TrainingConditioner(stage.conditioner, cfg, text_storage_dtype(self.precision, d.device), d.device)
         self.source = open_source(cfg, d.rank, d.world_size)
         self.stream = Stream(self.source, cfg, d.rank, d.world_size)
         self.stream.start_at(self.step)
@@ -198,7 +202,7 @@ class UNetTrainer(Trainer):
         return torch.stack(rows).to(self.d.device)
 
     def autocast(self):
-        if self.cfg.mixed_precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

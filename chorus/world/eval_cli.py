@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt with --model (default 4)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N specs (with --images: the first N images)")
     p.add_argument("--json", help="write the summary (and per-image records) to this JSON file")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps with --model (default 20)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps with --model (default: the model's "
+                   "recommended steps from its sampling_defaults.json, else 20)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default: the model's recommended scale, else 5)")
     p.add_argument("--seed", type=int, default=0, help="generation seed with --model (default 0)")
@@ -140,10 +141,10 @@ def _specs_by_file_name(meta: Path, specs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance: float | None, seed: int,
-                    batch_prompts: int = 8, device=None, dtype=None, progress: bool = True):
+def generate_images(model: str, specs: list[dict], k: int, steps: int | None, guidance: float | None, seed: int,
+                    batch_prompts: int = 8, device=None, dtype=None, progress: bool = True, **sampling):
     """Images from a text-to-image pipeline (a folder, or a Pipeline already loaded), prompt-major: k per spec
-    (on `device`, in `dtype`)."""
+    (on `device`, in `dtype`); `sampling` goes to the pipeline's call (sampler, karras, …)."""
     from tqdm import tqdm
     try:
         from chorus.pipeline import Pipeline
@@ -157,13 +158,14 @@ def generate_images(model: str, specs: list[dict], k: int, steps: int, guidance:
         pipe = pipe.to(device=device, dtype=dtype)
     recommended = "guidance_scale" in getattr(pipe, "sampling_defaults", {})
     guidance = getattr(pipe, "default_guidance", 5.0) if guidance is None else guidance
-    print(f"generate: guidance {guidance:g}{' (the model’s recommended scale)' if recommended else ''}",
+    steps = getattr(pipe, "default_steps", 20) if steps is None else steps
+    print(f"generate: guidance {guidance:g}{' (the model’s recommended scale)' if recommended else ''}, {steps} steps",
           file=sys.stderr)
     images = []
     for i in tqdm(range(0, len(specs), batch_prompts), desc="generate", disable=not progress):
         prompts = [s.get("prompt", "") for s in specs[i:i + batch_prompts]]
         out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i,
-                   num_images_per_prompt=k, progress=False)
+                   num_images_per_prompt=k, progress=False, **sampling)
         if len(out.images) != len(prompts) * k:
             raise ChorusError(f"The pipeline returned {len(out.images)} images for {len(prompts)} prompts × {k}.")
         images += list(out.images)

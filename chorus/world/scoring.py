@@ -165,6 +165,23 @@ def overall_standard_error(correct: list[bool], tags: list[str], n: int = 500, s
     return float(np.std(draws))
 
 
+def paired_difference_standard_error(correct_a: list[bool], correct_b: list[bool], tags: list[str], n: int = 500,
+                                     seed: int = 0) -> float:
+    """Bootstrap standard error of overall(a) − overall(b) for two image sets drawn from the same prompts and
+    noise (image i of both from one spec): the same images are resampled on both sides, so what the two
+    have in common cancels."""
+    import numpy as np
+    if not len(correct_a) == len(correct_b) == len(tags):
+        raise ValueError("paired sets need one verdict per image on both sides")
+    rng = np.random.default_rng(seed)
+    by_tag: dict[str, list[float]] = {}
+    for a, b, t in zip(correct_a, correct_b, tags):
+        by_tag.setdefault(t, []).append(float(a) - float(b))
+    arrays = [np.asarray(v) for v in by_tag.values()]
+    draws = [np.mean([d[rng.integers(0, len(d), len(d))].mean() for d in arrays]) for _ in range(n)]
+    return float(np.std(draws))
+
+
 def format_table(summary: dict) -> str:
     """A per-task text table (rows: tasks; columns: all images, then each split)."""
     splits = summary.get("splits", {})

@@ -469,3 +469,26 @@ def test_controlnet_job(client, tmp_path):
     assert client.post("/api/jobs", json={**body, "controlnet": str(tmp_path / "cn")}).status_code == 422
     bad = client.post("/api/jobs", json={**body, "controlnet": "default-nothing", "control_image": cond})
     assert bad.status_code == 422 and "controlnet" in bad.json()["error"]
+
+
+def test_a_request_without_steps_or_guidance_gets_the_models_recommendation(sd_folder, tmp_path):
+    """Omitted steps / CFG scale: the model's sampling_defaults.json (as `chorus generate`), else 20 / 5; given
+    values always win. /api/info shows the current model's recommendation (the page starts from it)."""
+    import shutil
+
+    from chorus.serve.engine import build_request
+    model = tmp_path / "recommends"
+    shutil.copytree(sd_folder, model)
+    (model / "sampling_defaults.json").write_text(json.dumps({"num_inference_steps": 3, "guidance_scale": 2.5}))
+    eng = Engine(unique_models([str(model), str(sd_folder)]), queue_size=2)
+    r = build_request(eng, prompt="a red circle")
+    assert (r.steps, r.guidance) == (3, 2.5)
+    r = build_request(eng, prompt="a red circle", steps=4, guidance=6)
+    assert (r.steps, r.guidance) == (4, 6.0)
+    plain = next(n for n, m in eng.models.items() if m.path == sd_folder.resolve())
+    r = build_request(eng, prompt="a red circle", model=plain)
+    assert (r.steps, r.guidance) == (20, 5.0)
+    with TestClient(create_app(eng)) as c:
+        d = c.get("/api/info").json()
+    assert (d["defaults"]["steps"], d["defaults"]["guidance"]) == (3, 2.5)
+    assert {m["name"]: (m["steps"], m["guidance"]) for m in d["models"]}[plain] == (20, 5.0)

@@ -122,3 +122,19 @@ def test_summary_is_the_mean_of_task_accuracies():
     assert s["n_images"] == 5
     assert s["splits"]["heldout_pairs"]["n_images"] == 1
     assert "overall" in format_table(s)
+
+
+def test_paired_difference_standard_error_cancels_what_both_sides_share():
+    import random
+
+    from chorus.world.scoring import overall_standard_error, paired_difference_standard_error
+    rng = random.Random(0)
+    tags = ["a"] * 200 + ["b"] * 200
+    a = [rng.random() < 0.5 for _ in tags]
+    b = list(a)
+    assert paired_difference_standard_error(a, b, tags) == 0.0          # the same verdicts: no uncertainty
+    b[:20] = [not x for x in b[:20]]                                     # 20 of 400 images changed
+    paired = paired_difference_standard_error(a, b, tags)
+    assert 0 < paired < overall_standard_error(a, tags) / 2              # far below either side's own SE
+    with pytest.raises(ValueError):
+        paired_difference_standard_error(a, b[:-1], tags)

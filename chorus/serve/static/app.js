@@ -90,6 +90,10 @@ function applyModelGeometry(resetSize) {
     const v = parseInt(el.value, 10);
     if (resetSize || !v || v % m.size_multiple) el.value = m.default_size;
   }
+  if (resetSize) {            // on load: the model's recommended steps and CFG scale (sampling_defaults.json)
+    $("steps").value = m.steps;
+    $("guidance").value = m.guidance;
+  }
 }
 
 function fillSelect(sel, items, value) {
