@@ -31,10 +31,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from efficiency import count_flops, cpu_flags, peaks, rate  # noqa: E402
 
-from chorus.train.config import DEFAULT_UNET, TINY_UNET, UNetTrainConfig  # noqa: E402
+from chorus.train.config import DEFAULT_UNET, GROWN_UNET, TINY_UNET, UNetTrainConfig  # noqa: E402
 
 # name: (UNet fields, latent side, context width); the presets' UNets on their VAE's latents
-CONFIGS = {"default": (DEFAULT_UNET, 16, 128), "tiny": (TINY_UNET, 16, 128)}
+CONFIGS = {"default": (DEFAULT_UNET, 16, 128), "tiny": (TINY_UNET, 16, 128),
+           "grown": (GROWN_UNET, 16, 128)}   # grown: the shipped model's and default-scratch's UNet (attention at 16×16)
 
 
 def unet_config(name: str) -> dict:
