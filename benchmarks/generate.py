@@ -2,6 +2,8 @@
 
     python benchmarks/generate.py                            # the shipped default model, 16 images, 20 steps
     python benchmarks/generate.py --model runs/default/model --threads 1 --repeats 5
+    python benchmarks/generate.py --model runs/stage2/weights/default --chorus-dtype bf16   # Chorus in bf16, diffusers fp32
+    python benchmarks/generate.py --model runs/stage2/weights/default --compile both        # torch.compile'd UNets
 
 Both sides load the same exported folder (safetensors) and make the same 16 images: 16 prompts of the
 world benchmark, 20 DPM-Solver++ 2M steps (diffusers: DPMSolverMultistepScheduler from the folder's
@@ -67,6 +69,12 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--chorus-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="Chorus's precision (Pipeline.to(dtype=…)); diffusers stays fp32, so with bf16 the ratio is "
+                        "Chorus's bf16 path against diffusers' fp32 one and the pixel figures are bf16's error")
+    p.add_argument("--compile", default="none", choices=["none", "chorus", "both"],
+                   help="torch.compile the UNet of Chorus (Pipeline.compile) or of both (diffusers: "
+                        "pipe.unet = torch.compile(pipe.unet)); the compile happens in the warm-up call, timed apart")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -75,6 +83,8 @@ def main(argv=None) -> int:
     folder = str(default_model_path()) if args.model == "default" else args.model
     peak = peaks()
     ours, ref = load_both(folder)
+    if args.chorus_dtype == "bf16":
+        ours.to(dtype=torch.bfloat16)
     texts = prompts(args.images)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
 
@@ -86,8 +96,15 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return ref(prompt=texts, generator=torch.Generator().manual_seed(0), **kw).images
 
+    flops = count_flops(run_chorus)   # eager (what a compiled call computes too)
+    if args.compile != "none":
+        ours.compile()
+    if args.compile == "both":
+        ref.unet = torch.compile(ref.unet)
     runs = {"chorus": run_chorus, "diffusers": run_diffusers}
-    images = {name: fn() for name, fn in runs.items()}  # warm-up, and the images to compare
+    images, warm_s = {}, {}
+    for name, fn in runs.items():   # warm-up (and the compile), and the images to compare
+        images[name], warm_s[name], _ = timed(fn)
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
     for r in range(args.repeats):
@@ -98,13 +115,13 @@ def main(argv=None) -> int:
     a = np.stack([np.asarray(im, dtype=np.int16) for im in images["chorus"]])
     b = np.stack([np.asarray(im, dtype=np.int16) for im in images["diffusers"]])
     diff = np.abs(a - b)
-    res = {"model": folder, "images": args.images, "steps": args.steps, "guidance": args.guidance,
+    res = {"model": folder, "chorus_dtype": args.chorus_dtype, "compile": args.compile,
+           **{f"{n}_first_call_s": warm_s[n] for n in runs}, "images": args.images, "steps": args.steps, "guidance": args.guidance,
            "threads": torch.get_num_threads(), "repeats": args.repeats,
            **{f"{n}_wall_s": statistics.median(wall[n]) for n in runs},
            **{f"{n}_cpu_s": statistics.median(cpu[n]) for n in runs},
            "pixel_max_abs_diff": int(diff.max()), "pixel_mean_abs_diff": float(diff.mean()),
            "pixels_differing": float((diff > 1).mean())}
-    flops = count_flops(run_chorus)
     res.update(flops=flops, cpu_flags=cpu_flags(), **{f"peak_{k}_gflops": v for k, v in peak.items()},
                **{f"{n}_gflops": rate(flops, res[f"{n}_wall_s"]) for n in runs})
     res["ratio_wall"] = res["diffusers_wall_s"] / res["chorus_wall_s"]
@@ -113,8 +130,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for n in runs:
         print(f"| {n} | {res[f'{n}_wall_s']:.2f} | {args.images / res[f'{n}_wall_s']:.1f} | {res[f'{n}_cpu_s']:.2f} |")
-    print(f"\ndiffusers / Chorus: {res['ratio_wall']:.2f}× wall, {res['ratio_cpu']:.2f}× CPU "
+    print(f"\ndiffusers fp32 / Chorus {args.chorus_dtype}: {res['ratio_wall']:.2f}× wall, {res['ratio_cpu']:.2f}× CPU "
           f"({args.images} images, {args.steps} steps, guidance {args.guidance}, {res['threads']} threads)")
+    if args.compile != "none":
+        print("first call (with the compile): " + ", ".join(f"{n} {warm_s[n]:.1f} s" for n in runs))
     print(f"images: max |Δ| {res['pixel_max_abs_diff']}/255, mean |Δ| {res['pixel_mean_abs_diff']:.3f}, "
           f"{100 * res['pixels_differing']:.2f}% of values differ by more than 1")
     print(f"arithmetic: {flops / 1e9:.0f} GFLOP per call (text encoders, UNet steps, VAE decode); achieved "

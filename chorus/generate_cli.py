@@ -58,6 +58,8 @@ def register(sub) -> None:
                    help="A1111's clip skip: 1 = the text encoder's last layer (default), 2 = the one below it "
                         "(diffusers' clip_skip is N-1)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet first (a minute or two on a CPU; pays for many images, not a few)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
                    help="precision of the models: fp32 (default), fp16 or bf16 (fp16 VAEs decode in fp32 when "
                         "their config says force_upcast)")
@@ -257,6 +259,8 @@ def run_generate(args) -> int:
     if settings["lora_dir"]:
         pipe.lora_dirs = [settings["lora_dir"]]
     pipe.to(device=device, dtype=dtype)
+    if getattr(args, "compile", False):
+        pipe.compile()
     h, w = size or (pipe.default_size, pipe.default_size)
     settings["size"] = f"{h}x{w}"
     if settings["guidance"] is None:   # the model's recommended scale (sampling_defaults.json), else 5

@@ -104,3 +104,17 @@ def test_training_precision_auto_follows_the_hardware(monkeypatch):
         mode, why = training_precision("auto", cpu)
         assert mode == ("bf16" if has else "no") and "auto" in why
     assert training_precision("no", cpu)[0] == "no" and training_precision("bf16", cpu)[0] == "bf16"
+
+
+def test_compiled_pipeline_matches_eager(sd_folder):
+    """Pipeline.compile (torch.compile of the UNet, in place): the same images as eager, within parity."""
+    import shutil
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("torch inductor needs a C++ compiler on the CPU; none is installed")
+    eager = Pipeline.from_pretrained(sd_folder)
+    compiled = Pipeline.from_pretrained(sd_folder).compile()
+    kw = dict(KW, seed=3, output_type="pt")
+    a = eager(["a red circle", "two blue squares"], **kw).images
+    b = compiled(["a red circle", "two blue squares"], **kw).images
+    assert compiled.base.unet._compiled_call_impl is not None      # really compiled
+    assert (a - b).abs().max().item() < 1e-4

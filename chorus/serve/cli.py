@@ -29,6 +29,12 @@ def register(sub) -> None:
                    help="jobs that may wait; more get HTTP 429 (16)")
     p.add_argument("--preview-every", type=int, default=None, metavar="N",
                    help="decode a preview every N steps (default: about 5 per image; 0: no previews)")
+    p.add_argument("--device", default=None, help="where the models run: cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="the models' precision (fp32; bf16 is ~1.7× faster on CPUs with AMX / AVX512-BF16)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet of each model when it loads: the first request of each image size "
+                        "waits for the compile (a minute or two on a CPU), later ones run ~1.4× faster")
     p.set_defaults(func=run_serve)
 
 
@@ -60,7 +66,8 @@ def run_serve(args) -> int:
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     key = args.api_key if args.api_key is not None else os.environ.get("CHORUS_API_KEY") or None
     models = unique_models(args.model or ["default"])
-    engine = Engine(models, queue_size=args.queue_size, preview_every=args.preview_every)
+    engine = Engine(models, queue_size=args.queue_size, preview_every=args.preview_every, device=args.device,
+                    dtype=args.dtype, compile=args.compile)
     _check_port(host, args.port)
     app = create_app(engine, api_key=key)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host

@@ -393,9 +393,14 @@ class Engine:
     """The worker thread, its bounded queue, the jobs and the gallery."""
 
     def __init__(self, models: list[ModelEntry], queue_size: int = 16, preview_every: int | None = None,
-                 loader=None, log=None):
+                 loader=None, log=None, device=None, dtype=None, compile: bool = False):
         if not models:
             raise ChorusError("The server needs at least one model.")
+        # where and how every model runs once loaded (Pipeline.to / Pipeline.compile); checked up front
+        from chorus.devices import resolve_device, resolve_dtype
+        self.device = resolve_device(device) if device is not None else None
+        self.dtype = resolve_dtype(dtype) if dtype is not None else None
+        self.compile = compile
         if queue_size < 1:
             raise ChorusError(f"--queue-size must be at least 1, got {queue_size}.")
         self.models = {m.name: m for m in models}
@@ -459,6 +464,10 @@ class Engine:
             else:
                 from chorus.pipeline import Pipeline
                 pipe = Pipeline.from_pretrained(entry.spec)
+            if self.device is not None or self.dtype is not None:
+                pipe.to(device=self.device, dtype=self.dtype)
+            if self.compile:
+                pipe.compile()
             self._log(f"chorus serve: loaded model {name!r} ({entry.path}) in {time.time() - t0:.1f} s")
         except Exception as e:
             self.load_error = f"{name}: {e}"
