@@ -544,8 +544,9 @@ class Pipeline:
         """torch.compile every expert's UNet in place (`nn.Module.compile`; options go to torch.compile, e.g.
         mode="max-autotune"). The first call of each input shape compiles (on a CPU, a minute or two with a
         C++ compiler present), later calls run the fused kernels: on the 2-core CPU the default UNet's
-        forward took 0.68× its eager time in fp32 and 0.72× in bf16, outputs equal within 1e-5 in fp32
-        (benchmarks/generate.py --compile). It pays for a server or many batches, not for one image."""
+        forward took 0.81× its eager time in fp32 and 0.77× in bf16, outputs equal within 1e-5 in fp32
+        (docs/pipeline.md, benchmarks/generate.py --compile). It pays for a server or many batches, not
+        for one image."""
         import shutil
         if self.device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
             raise ChorusError("Compiling on the CPU needs a C++ compiler (torch inductor builds its kernels with "
