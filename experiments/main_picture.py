@@ -3,7 +3,7 @@
     python experiments/main_picture.py [--model default] [--out docs/images/main_command.png]
 
 Generates exactly what `chorus generate "a red circle to the left of a blue square"` writes (seeds 0–3,
-one image per call, 20 DPM++ 2M steps, the model's recommended guidance), scores each image against the prompt's spec with the
+one image per call, DPM++ 2M at the model's recommended steps and guidance), scores each image against the prompt's spec with the
 world evaluator (GenEval's rules: a red circle, a blue square, the circle left of the square) and saves
 the four side by side, each captioned OK/NO with what the evaluator found. Prints a JSON record.
 """
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4)
     args = p.parse_args(argv)
     pipe = Pipeline.from_pretrained(args.model)
-    images = [pipe(PROMPT, num_inference_steps=20, guidance_scale=pipe.default_guidance, sampler="dpmpp_2m", progress=False,
+    images = [pipe(PROMPT, num_inference_steps=pipe.default_steps, guidance_scale=pipe.default_guidance, sampler="dpmpp_2m", progress=False,
                    generator=torch.Generator("cpu").manual_seed(seed)).images[0] for seed in range(args.n)]
     records = score_images(images, [SPEC] * args.n, Evaluator.load())
     captions = []

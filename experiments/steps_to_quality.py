@@ -113,19 +113,23 @@ def figure(by_cfg: dict, path: Path) -> None:
         print("matplotlib is not installed: no figure", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(dict.fromkeys(k.replace(" karras", "")
+                                                                              for k in by_cfg))}
     for name, rs in by_cfg.items():
         rs = sorted(rs, key=lambda r: r["nfe"])
         style = "--" if "karras" in name else "-"
         x = [r["nfe"] for r in rs]
         axes[0].errorbar(x, [r["overall"] for r in rs], yerr=[r["overall_se"] for r in rs], fmt="o" + style,
-                         ms=3, capsize=2, label=name)
-        axes[1].plot(x, [r["fid_world"] for r in rs], "o" + style, ms=3, label=name)
+                         ms=3, capsize=2, label=name, color=colours[name.replace(" karras", "")])
+        axes[1].plot(x, [r["fid_world"] for r in rs], "o" + style, ms=3, label=name,
+                     color=colours[name.replace(" karras", "")])
     for ax, title in zip(axes, ["world benchmark overall (validation prompts)", "FID-world (lower is better)"]):
         ax.set_xscale("log")
         ax.set_xlabel("UNet evaluations per image (NFE)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2, title="dashed: Karras σ", title_fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
