@@ -32,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8, sample_size=64)
+from unet_forward import SD15  # noqa: E402
+from unet_forward import build as unet_pair  # noqa: E402  (diffusers' UNet, seeded, and Chorus's with its weights)
+
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
             norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=16)
@@ -64,23 +65,12 @@ def alternate(fns: dict, repeats: int, device: torch.device) -> dict[str, float]
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def unet_pair(config: dict, device, dtype=torch.float32):
-    from diffusers import UNet2DConditionModel
-
-    from chorus.models import UNet
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(**config).eval()
-    ours = UNet.from_config(config).eval()
-    ours.load_weights(ref.state_dict())
-    return ref.to(device, dtype), ours.to(device, dtype)
-
-
 def parity_and_forward(args, device) -> list[dict]:
     config = TINY if args.small else SD15
     side, tokens = (16, 8) if args.small else (64, 77)
     rows = []
     for dtype in ([torch.float32, torch.float16] if device.type == "cuda" else [torch.float32, torch.bfloat16]):
-        ref, ours = unet_pair(config, device, dtype)
+        ref, ours = (m.to(device, dtype) for m in unet_pair(config))
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
         ctx = torch.randn(2, tokens, config["cross_attention_dim"], generator=g).to(device, dtype)
@@ -129,8 +119,6 @@ def training(args, device) -> list[dict]:
             z0, noise = (torch.randn(batch, 4, side, side, generator=g).to(device) for _ in range(2))
             t = torch.randint(0, 1000, (batch,), generator=g).to(device)
             ctx = torch.randn(batch, 32 if name != "sd15" else 77, width, generator=g).to(device)
-            T.precision = lambda m, _d=device.type: (torch.autocast(_d, dtype=torch.bfloat16) if m == "bf16"
-                                                       else __import__("contextlib").nullcontext())
             steps = {"diffusers": T.diffusers_stepper(ref, mode), "chorus": T.chorus_stepper(ours, mode, fused=True)}
             times = alternate({k: (lambda f=f: f(z0, t, noise, ctx)) for k, f in steps.items()}, args.repeats, device)
             rows.append({"part": f"train step {name}", "dtype": mode, "batch": batch,

@@ -4,11 +4,12 @@
     python benchmarks/train_precision.py --preset tiny --steps 200 --batch 16
 
 Both runs are the same `chorus train` UNet run (preset's UNet recipe, same seed: the same data, timesteps and
-noise at every step) except `mixed_precision` ("no" = fp32, "bf16" = autocast), into OUT/fp32 and OUT/bf16.
+noise at every step) except `mixed_precision` ("no" = fp32, "bf16" = autocast), into OUT/no-I and OUT/bf16-I
+(I: the run's place in the order).
 They run one after the other, twice in alternating order when --rounds 2, so load from other processes hits
-both alike. Reported: samples/s (the median over the logged windows after the first `--skip` steps), and the
-loss curves' agreement: the mean loss over each window of `--window` steps in both runs and the relative
-difference of the last window's means. The CPU flags go beside the figures (machines differ).
+both alike. Reported: samples/s (the median over the logged steps after the first `--skip`), and the loss
+curves' agreement: the mean loss over each window of `--window` steps in both runs and their relative
+difference. The CPU flags go beside the figures (machines differ).
 Writes OUT/report.json and prints a markdown table.
 """
 from __future__ import annotations

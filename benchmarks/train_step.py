@@ -54,8 +54,8 @@ def build(name: str):
     return ref, ours.train()
 
 
-def precision(mode: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+def precision(mode: str, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
 
 
 def chorus_stepper(unet, mode: str, fused: bool):
@@ -73,7 +73,7 @@ def chorus_stepper(unet, mode: str, fused: bool):
     state = {"n": 0}
 
     def step(z0, t, noise, ctx):
-        backward_loss(unet, schedule, z0, t, noise, {"encoder_hidden_states": ctx}, cfg, precision(mode))
+        backward_loss(unet, schedule, z0, t, noise, {"encoder_hidden_states": ctx}, cfg, precision(mode, z0.device.type))
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         apply_update(unet, opt, ema, ema_decay_at(state["n"], cfg.ema_decay))
         state["n"] += 1
@@ -89,7 +89,7 @@ def diffusers_stepper(unet, mode: str):
 
     def step(z0, t, noise, ctx):
         x_t = sched.add_noise(z0, noise, t)
-        with precision(mode):
+        with precision(mode, z0.device.type):
             pred = unet(x_t, t, ctx, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()

@@ -270,13 +270,13 @@ class Pipeline:
     @property
     def default_guidance(self) -> float:
         """The model's recommended guidance scale (its folder's sampling_defaults.json), else 5."""
-        return float(self.sampling_defaults.get("guidance_scale", 5.0))
+        return recommended_settings(self.sampling_defaults)[1]
 
     @property
     def default_steps(self) -> int:
         """The model's recommended number of sampling steps (sampling_defaults.json, chosen by a steps-to-quality
         study such as experiments/steps_to_quality.py), else 20."""
-        return int(self.sampling_defaults.get("num_inference_steps", 20))
+        return recommended_settings(self.sampling_defaults)[0]
 
     @property
     def default_size(self) -> int:
@@ -641,6 +641,11 @@ def read_sampling_defaults(folder) -> dict:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000):
         raise ChorusError(f"{path}: num_inference_steps must be a whole number in [1, 1000], got {n!r}.")
     return data
+
+
+def recommended_settings(defaults: dict) -> tuple[int, float]:
+    """(steps, guidance scale) from a model's sampling defaults (read_sampling_defaults), else (20, 5)."""
+    return int(defaults.get("num_inference_steps", 20)), float(defaults.get("guidance_scale", 5.0))
 
 
 def default_model_path() -> Path:

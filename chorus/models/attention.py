@@ -47,7 +47,7 @@ def attention_explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, hoo
 
 def slow_bf16_backward(q: Tensor) -> bool:
     """Will the backward pass go through CPU's bf16 flash attention? At the UNet's head sizes (d = 32,
-    16-256 tokens) its backward is 5-15× slower than fp32's (benchmarks/attention_bf16.py), which made
+    16-256 tokens) its backward is 5-15× slower than fp32's (measured: docs/training.md, Precision), which made
     bf16 training slower than fp32; attention that is differentiated therefore runs in fp32 there
     (more exact as well). The forward pass alone is faster in bf16 and stays so."""
     return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled()

@@ -64,8 +64,8 @@ class ModelEntry:
     path: Path
     size_multiple: int   # image sides must be multiples of this
     default_size: int
-    steps: int = 20      # the model's recommended sampling settings (sampling_defaults.json), else 20 / 5
-    guidance: float = 5.0
+    steps: int           # the model's recommended sampling settings (chorus.pipeline.recommended_settings)
+    guidance: float
 
     def to_json(self) -> dict:
         return {"name": self.name, "path": str(self.path), "default_size": self.default_size,
@@ -92,10 +92,8 @@ def model_entry(spec: str, name: str | None = None) -> ModelEntry:
         sample = sample[0] if isinstance(sample, (list, tuple)) else int(sample)
     except (ChorusError, OSError, KeyError, TypeError, ValueError) as e:
         raise ChorusError(f"Cannot read the UNet and VAE configs of {path} ({e}).") from None
-    from chorus.pipeline import read_sampling_defaults
-    recommended = read_sampling_defaults(path)
-    return ModelEntry(name, spec, path, multiple, sample * factor, int(recommended.get("num_inference_steps", 20)),
-                      float(recommended.get("guidance_scale", 5.0)))
+    from chorus.pipeline import read_sampling_defaults, recommended_settings
+    return ModelEntry(name, spec, path, multiple, sample * factor, *recommended_settings(read_sampling_defaults(path)))
 
 
 def unique_models(specs: list[str]) -> list[ModelEntry]:

@@ -152,15 +152,15 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def overall_standard_error(correct: list[bool], tags: list[str], n: int = 500, seed: int = 0) -> float:
+def overall_standard_error(correct: list[float], tags: list[str], n: int = 500, seed: int = 0) -> float:
     """Bootstrap standard error of the overall score (the mean of the per-task accuracies), resampling the
-    images of each task with replacement."""
+    images of each task with replacement. `correct` may also hold per-image differences (see below)."""
     import numpy as np
     rng = np.random.default_rng(seed)
-    by_tag: dict[str, list[bool]] = {}
+    by_tag: dict[str, list[float]] = {}
     for c, t in zip(correct, tags):
-        by_tag.setdefault(t, []).append(c)
-    arrays = [np.asarray(v, dtype=float) for v in by_tag.values()]
+        by_tag.setdefault(t, []).append(float(c))
+    arrays = [np.asarray(v) for v in by_tag.values()]
     draws = [np.mean([a[rng.integers(0, len(a), len(a))].mean() for a in arrays]) for _ in range(n)]
     return float(np.std(draws))
 
@@ -168,18 +168,11 @@ def overall_standard_error(correct: list[bool], tags: list[str], n: int = 500, s
 def paired_difference_standard_error(correct_a: list[bool], correct_b: list[bool], tags: list[str], n: int = 500,
                                      seed: int = 0) -> float:
     """Bootstrap standard error of overall(a) − overall(b) for two image sets drawn from the same prompts and
-    noise (image i of both from one spec): the same images are resampled on both sides, so what the two
+    noise (image i of both from one spec): the per-image differences are resampled, so what the two sides
     have in common cancels."""
-    import numpy as np
     if not len(correct_a) == len(correct_b) == len(tags):
         raise ValueError("paired sets need one verdict per image on both sides")
-    rng = np.random.default_rng(seed)
-    by_tag: dict[str, list[float]] = {}
-    for a, b, t in zip(correct_a, correct_b, tags):
-        by_tag.setdefault(t, []).append(float(a) - float(b))
-    arrays = [np.asarray(v) for v in by_tag.values()]
-    draws = [np.mean([d[rng.integers(0, len(d), len(d))].mean() for d in arrays]) for _ in range(n)]
-    return float(np.std(draws))
+    return overall_standard_error([float(a) - float(b) for a, b in zip(correct_a, correct_b)], tags, n, seed)
 
 
 def format_table(summary: dict) -> str:
