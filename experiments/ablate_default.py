@@ -3,6 +3,10 @@ each of its levers (the issue "A default model that draws what the prompt says",
 
     python experiments/ablate_default.py --steps 800 --seeds 0 1 [--arms full no-minilm …] [--threads 2]
 
+Two workers share the study when the same command runs twice (e.g. each with `--threads 1` on two cores): a
+worker claims a run with runs/ablate/ARM-sSEED-STEPS.claim before it trains (a claim whose process is gone is
+taken over), and every record write merges with what the other worker wrote.
+
 Each (arm, seed) trains `--preset default-scratch` with one change, from scratch, for `--steps` steps
 (equal samples for every arm) into runs/ablate/ARM-sSEED-STEPS (a finished run is not trained again; an
 unfinished one resumes), then generates the world benchmark at `--images-per-prompt` images per prompt
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -64,6 +69,46 @@ def train_arm(name: str, change: dict, seed: int, steps: int, out: Path) -> Path
     return train_unet(cfg, out, progress=True, resume=bool(checkpoints(out)))
 
 
+def claim(out: Path) -> bool:
+    """Take the run in `out` for this process: True when it is ours (new, or its claimant has died)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_name(out.name + ".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return True
+            try:
+                os.kill(pid, 0)          # alive: another worker has it
+                return False
+            except (ProcessLookupError, ValueError, OSError):
+                path.unlink(missing_ok=True)   # its worker died: take it over (training resumes)
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def load_records(record: Path) -> list[dict]:
+    return json.loads(record.read_text())["runs"] if record.is_file() else []
+
+
+def save_record(record: Path, run: dict) -> list[dict]:
+    """Add one run to the record, merged with whatever another worker wrote meanwhile; atomic."""
+    key = lambda r: (r["arm"], r["seed"], r["steps"])  # noqa: E731
+    records = [r for r in load_records(record) if key(r) != key(run)] + [run]
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"runs": records}, indent=1) + "\n")
+    os.replace(tmp, record)
+    return records
+
+
 def evaluate(model: Path, images_per_prompt: int, limit: int | None = None) -> dict:
     from chorus.world.benchmark import load_specs
     from chorus.world.eval_cli import fid_against_renders, generate_images
@@ -99,6 +144,13 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def precisions(runs: list[dict]) -> str:
+    by = {}
+    for r in runs:
+        by.setdefault(r.get("precision", "?"), []).append(f"{r['arm']} s{r['seed']}")
+    return "; ".join(f"{'fp32' if k == 'no' else k}: {', '.join(v)}" for k, v in by.items())
+
+
 def write_table(record: Path, records: list[dict], args) -> Path:
     md = record.with_suffix(".md")
     runs = [r for r in records if r["steps"] == args.steps]
@@ -106,7 +158,9 @@ def write_table(record: Path, records: list[dict], args) -> Path:
                   f"`python experiments/ablate_default.py --steps {args.steps} --seeds "
                   f"{' '.join(map(str, args.seeds))}`; raw records in `{record.name}` ({len(runs)} runs so far). "
                   "Each run: the `default-scratch` recipe with one lever changed, precision `auto`, then the world "
-                  "benchmark (553 prompts × 1, 20 DPM++ 2M steps, guidance 5) and FID-world. ± : std over seeds.\n\n"
+                  "benchmark (553 prompts × 1, 20 DPM++ 2M steps, guidance 5) and FID-world. ± : std over seeds. "
+                  f"Precision `auto` by machine: {precisions(runs)} (bf16 and fp32 runs of the same recipe agree "
+                  "within 0.8 % in loss: docs/records/train_precision.json).\n\n"
                   + table(runs) + "\n\n"
                   "Caveat: at short budgets the models barely form shapes (FID-world ≫ the shipped model's 0.40), "
                   "and the evaluator is lenient on such images: it finds the named shape in noise-like samples "
@@ -132,22 +186,27 @@ def main(argv=None) -> int:
     unknown = [a for a in args.arms if a not in table_of]
     if unknown:
         p.error(f"unknown arm(s) {unknown}; the arms are {list(table_of)}")
+    from chorus.devices import training_precision
     record = Path(args.record)
-    records = json.loads(record.read_text())["runs"] if record.is_file() else []
+    precision = training_precision("auto", torch.device("cpu"))[0]
     for seed in args.seeds:          # every arm's first seed before any second one: an interrupted study is balanced
         for arm in args.arms:
-            if any(r["arm"] == arm and r["seed"] == seed and r["steps"] == args.steps for r in records):
+            if any(r["arm"] == arm and r["seed"] == seed and r["steps"] == args.steps
+                   for r in load_records(record)):
+                continue
+            out = Path(args.runs) / f"{arm}-s{seed}-{args.steps}"
+            if not claim(out):
                 continue
             t0 = time.time()
-            model = train_arm(arm, table_of[arm], seed, args.steps, Path(args.runs) / f"{arm}-s{seed}-{args.steps}")
+            model = train_arm(arm, table_of[arm], seed, args.steps, out)
             scores = evaluate(model, args.images_per_prompt, args.limit)
-            records.append({"arm": arm, "seed": seed, "steps": args.steps, "change": table_of[arm],
-                            "images_per_prompt": args.images_per_prompt, "wall_s": round(time.time() - t0, 1),
-                            "scores": scores})
-            record.write_text(json.dumps({"runs": records}, indent=1) + "\n")   # after every run: nothing lost
-            write_table(record, records, args)
+            records = save_record(record, {"arm": arm, "seed": seed, "steps": args.steps, "change": table_of[arm],
+                                           "precision": precision, "threads": args.threads,
+                                           "images_per_prompt": args.images_per_prompt,
+                                           "wall_s": round(time.time() - t0, 1), "scores": scores})
+            write_table(record, records, args)     # after every run: nothing lost
             print(f"{arm} seed {seed}: overall {scores['overall']:.3f}, FID {scores['fid']:.2f}", flush=True)
-    md = write_table(record, records, args)
+    md = write_table(record, load_records(record), args)
     print(md.read_text())
     return 0
 
