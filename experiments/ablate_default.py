@@ -83,10 +83,14 @@ def claim(out: Path) -> bool:
                 pid = 0
             if pid == os.getpid():
                 return True
-            try:
-                os.kill(pid, 0)          # alive: another worker has it
+            if pid <= 0:                 # empty: another worker is writing its claim
                 return False
-            except (ProcessLookupError, ValueError, OSError):
+            try:
+                os.kill(pid, 0)
+                return False             # alive: another worker has it
+            except PermissionError:
+                return False             # alive, another user's
+            except ProcessLookupError:
                 path.unlink(missing_ok=True)   # its worker died: take it over (training resumes)
                 continue
         with os.fdopen(fd, "w") as f:
@@ -95,13 +99,20 @@ def claim(out: Path) -> bool:
     return False
 
 
+def run_dir(runs: Path, arm: str, seed: int, steps: int) -> Path:
+    return runs / f"{arm}-s{seed}-{steps}"
+
+
+def key(run: dict) -> tuple:
+    return run["arm"], run["seed"], run["steps"]
+
+
 def load_records(record: Path) -> list[dict]:
     return json.loads(record.read_text())["runs"] if record.is_file() else []
 
 
 def save_record(record: Path, run: dict) -> list[dict]:
     """Add one run to the record, merged with whatever another worker wrote meanwhile; atomic."""
-    key = lambda r: (r["arm"], r["seed"], r["steps"])  # noqa: E731
     records = [r for r in load_records(record) if key(r) != key(run)] + [run]
     tmp = record.with_name(f".{record.name}.{os.getpid()}")
     tmp.write_text(json.dumps({"runs": records}, indent=1) + "\n")
@@ -173,20 +184,20 @@ FIGURE_PROMPTS = ["a red circle to the left of a blue square", "two yellow stars
                   "a purple square above an orange circle"]   # my own, for looking: not scored
 
 
-def figure(runs: Path, steps: int, path: Path) -> Path:
-    """One row per arm (its lowest seed whose model is still in `runs`): the same prompts and noise for every
+def figure(runs: Path, seeds: list[int], steps: int, path: Path) -> Path:
+    """One row per arm (its first of `seeds` whose model is still in `runs`): the same prompts and noise for every
     arm, 20 DPM++ 2M steps, guidance 5, so the arms can be seen side by side."""
     from chorus.train.unet import caption_grid
     from chorus.world.eval_cli import generate_images
     images, labels = [], []
     for arm in arms():
-        models = sorted(runs.glob(f"{arm}-s*-{steps}/model/unet/config.json"))
-        if not models:
+        seed = next((s for s in seeds if (run_dir(runs, arm, s, steps) / "model" / "unet" / "config.json").is_file()),
+                    None)
+        if seed is None:
             continue
-        model = models[0].parents[1]
-        images += generate_images(str(model), [{"prompt": q} for q in FIGURE_PROMPTS], 1, 20, 5.0, 0,
-                                  progress=False)
-        labels.append(f"{arm} ({model.parent.name.rsplit('-', 1)[0].rsplit('-', 1)[1]})")
+        images += generate_images(str(run_dir(runs, arm, seed, steps) / "model"),
+                                  [{"prompt": q} for q in FIGURE_PROMPTS], 1, 20, 5.0, 0, progress=False)
+        labels.append(f"{arm} (s{seed})")
     size = 128
     images = [im.resize((size, size), 0) for im in images]
     grid = caption_grid(images, labels, per_prompt=len(FIGURE_PROMPTS))
@@ -211,7 +222,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.figure:
-        print(figure(Path(args.runs), args.steps, Path(args.figure)))
+        print(figure(Path(args.runs), args.seeds, args.steps, Path(args.figure)))
         return 0
     table_of = arms()
     unknown = [a for a in args.arms if a not in table_of]
@@ -222,10 +233,9 @@ def main(argv=None) -> int:
     precision = training_precision("auto", torch.device("cpu"))[0]
     for seed in args.seeds:          # every arm's first seed before any second one: an interrupted study is balanced
         for arm in args.arms:
-            if any(r["arm"] == arm and r["seed"] == seed and r["steps"] == args.steps
-                   for r in load_records(record)):
+            if (arm, seed, args.steps) in {key(r) for r in load_records(record)}:
                 continue
-            out = Path(args.runs) / f"{arm}-s{seed}-{args.steps}"
+            out = run_dir(Path(args.runs), arm, seed, args.steps)
             if not claim(out):
                 continue
             t0 = time.time()
